@@ -1,0 +1,146 @@
+"""The backend Protocol every inference engine implements, and the values it exchanges.
+
+A backend loads one GGUF file and turns a chat (a list of messages) or a raw prompt into a
+stream of :class:`Event` objects. The CLI, the TUI and the benchmarks only ever talk to this
+Protocol, so llama.cpp and the torch engine are interchangeable (``--backend``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Literal, Protocol, Sequence, Union, runtime_checkable
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model.
+
+    Attributes:
+        n_ctx: context size in tokens (0 = the model's training context, capped at 8192).
+        n_threads: CPU threads (None = physical cores).
+        n_gpu_layers: layers offloaded to the GPU (llama.cpp; -1 = all, 0 = none).
+        device: ``auto``, ``cuda``, ``mps`` or ``cpu`` (torch engine).
+        seed: default RNG seed for sampling.
+    """
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = -1
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters shared by all backends (llama.cpp's defaults where it has them).
+
+    ``temperature <= 0`` means greedy decoding. ``seed = None`` uses the load-time seed.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    max_tokens: int = 512
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Timings:
+    """Speed figures of one generation. Rates are tokens per second of wall time."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # request start -> first generated token
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0  # generated tokens after the first / time after the first
+    total_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TokenEvent:
+    """A piece of generated text (may be empty while a multi-byte character is incomplete)."""
+
+    text: str
+    token_id: int
+    kind: Literal["token"] = "token"
+
+
+@dataclass
+class DoneEvent:
+    """The end of a generation: why it stopped, the whole text and the timings."""
+
+    finish_reason: Literal["stop", "length", "cancelled", "context"]
+    text: str
+    timings: Timings = field(default_factory=Timings)
+    kind: Literal["done"] = "done"
+
+
+Event = Union[TokenEvent, DoneEvent]
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded backend reports about itself (shown by ``--stats`` and the TUI)."""
+
+    path: str
+    name: str
+    architecture: str
+    backend: str
+    device: str
+    n_ctx: int
+    n_ctx_train: int
+    quant: str
+    load_s: float = 0.0
+    has_chat_template: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that can generate."""
+
+    name: str
+
+    def info(self) -> ModelInfo:
+        """Describe the loaded model."""
+        ...
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Tokenize ``text`` exactly like llama.cpp (special tokens are parsed)."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Turn token ids back into text."""
+        ...
+
+    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's chat template (sandboxed)."""
+        ...
+
+    def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
+        """Stream events for a raw prompt (``str``) or a chat (list of messages).
+
+        The last event is always a :class:`DoneEvent`.
+        """
+        ...
+
+    def cancel(self) -> None:
+        """Ask a running :meth:`generate` (possibly in another thread) to stop soon."""
+        ...
+
+    def memory_bytes(self) -> dict:
+        """Current memory use: ``{"rss": ..., "device": ...}`` in bytes (device may be 0)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model."""
+        ...

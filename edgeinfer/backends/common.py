@@ -1,0 +1,66 @@
+"""Pieces every backend shares: prompt building, thread count, memory, quant labels."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Callable, Sequence
+
+from edgeinfer.backend import Message
+from edgeinfer.chat_template import ChatTemplate, template_from_gguf_metadata
+from edgeinfer.gguf_check import GGUFFile
+
+
+def default_threads() -> int:
+    """Physical cores (llama.cpp is fastest with one thread per physical core)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def process_memory() -> int:
+    """Resident set size of this process in bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def quant_label(h: GGUFFile) -> str:
+    """A file's quant as users name it: ``general.file_type`` if set, else the commonest 2-D type."""
+    import gguf
+
+    ft = h.metadata.get(gguf.Keys.General.FILE_TYPE)
+    if isinstance(ft, int):
+        try:
+            return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    counts = Counter(t.qtype.name for t in h.tensors if len(t.shape) >= 2)
+    return counts.most_common(1)[0][0] if counts else "?"
+
+
+class PromptBuilder:
+    """Turn a chat or a raw prompt into the text to tokenize, the way llama.cpp does.
+
+    A chat is rendered with the GGUF's template (sandboxed). When the model adds BOS itself
+    (``tokenizer.ggml.add_bos_token``) and the rendered text starts with the BOS string, that
+    leading BOS is removed so it is not doubled (llama.cpp's ``common_chat_templates_apply``).
+    """
+
+    def __init__(self, metadata: dict, token_text: Callable[[int], str], name: str):
+        self.template: ChatTemplate = template_from_gguf_metadata(metadata, token_text, name)
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+
+    def prompt_text(self, prompt: str | Sequence[Message]) -> tuple[str, bool]:
+        """Return ``(text, add_special)`` for the tokenizer."""
+        if isinstance(prompt, str):
+            return prompt, True
+        text = self.template.render(prompt, add_generation_prompt=True)
+        bos = self.template.bos_token
+        if self.add_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text, True

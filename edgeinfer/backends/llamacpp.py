@@ -1,0 +1,155 @@
+"""The llama.cpp backend (llama-cpp-python).
+
+The GGUF is validated in Python first (:mod:`edgeinfer.gguf_check`) so a corrupt file never
+reaches native code. Sampling is llama.cpp's own sampler chain; the text stream, stop strings
+and timings come from :func:`edgeinfer.generation.stream_events`, shared with the torch engine.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
+from edgeinfer.backends.common import PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.errors import BackendError
+from edgeinfer.generation import stream_events
+from edgeinfer.gguf_check import validate_gguf
+
+
+class LlamaCppBackend:
+    """A GGUF loaded in llama.cpp. Implements :class:`edgeinfer.backend.Backend`."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | os.PathLike, opts: LoadOptions | None = None):
+        opts = opts or LoadOptions()
+        self.path = Path(path)
+        self.header = validate_gguf(self.path)  # raises InvalidModelError before native code
+        import llama_cpp
+
+        self._lc = llama_cpp
+        n_ctx_train = int(self.header.arch_key("{arch}.context_length", 0) or 0)
+        n_ctx = opts.n_ctx or min(n_ctx_train or 4096, 8192)
+        if n_ctx_train:
+            n_ctx = min(n_ctx, n_ctx_train)
+        self.n_threads = opts.n_threads or default_threads()
+        t0 = time.perf_counter()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                n_gpu_layers=opts.n_gpu_layers if opts.device != "cpu" else 0,
+                seed=opts.seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: llama.cpp could not load the model ({e}); "
+                               f"architecture {self.header.architecture!r} may be unsupported by this llama.cpp") from None
+        self.load_s = time.perf_counter() - t0
+        self.seed = opts.seed
+        self._cancel = threading.Event()
+        self._vocab = self.llm._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    def _token_text(self, tok: int) -> str:
+        return self.piece(tok).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+    def piece(self, tok: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered), cached."""
+        b = self._pieces.get(tok)
+        if b is None:
+            import ctypes
+
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lc.llama_token_to_piece(self._vocab, tok, buf, size, 0, True)
+                if n >= 0:
+                    b = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[tok] = b
+        return b
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
+
+    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self.prompts.template.render(messages, add_generation_prompt)
+
+    # -- info --------------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        h = self.header
+        return ModelInfo(
+            path=str(self.path),
+            name=str(h.metadata.get("general.name") or self.path.stem),
+            architecture=h.architecture,
+            backend=self.name,
+            device="cpu" if not self._lc.llama_supports_gpu_offload() else "gpu-offload",
+            n_ctx=self.llm.n_ctx(),
+            n_ctx_train=int(h.arch_key("{arch}.context_length", 0) or 0),
+            quant=quant_label(h),
+            load_s=self.load_s,
+            has_chat_template=not self.prompts.template.is_fallback,
+            extra={"threads": self.n_threads},
+        )
+
+    def memory_bytes(self) -> dict:
+        return {"rss": process_memory(), "device": 0}
+
+    # -- generation --------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        self._cancel.clear()
+        text, add_special = self.prompts.prompt_text(prompt)
+        tokens = self.tokenize(text, add_special=add_special)
+        n_ctx = self.llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise BackendError(f"prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
+                               "raise --ctx or shorten the prompt")
+        self.llm.set_seed(self.seed if params.seed is None else params.seed)
+        temp = params.temperature if params.temperature > 0 else 0.0
+        gen = self.llm.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=temp,
+            repeat_penalty=params.repeat_penalty,
+        )
+        try:
+            yield from stream_events(
+                gen,
+                piece=self.piece,
+                is_eog=self.is_eog,
+                params=params,
+                prompt_tokens=len(tokens),
+                n_ctx_left=n_ctx - len(tokens),
+                cancelled=self._cancel.is_set,
+                t_start=t0,
+            )
+        finally:
+            gen.close()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None

@@ -1,0 +1,94 @@
+"""Summarize a GGUF: architecture, hyperparameters, parameters, bytes per quant type, tokenizer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from edgeinfer.gguf_check import ArraySummary, GGUFFile, validate_gguf
+
+
+def summarize(path: str | Path, with_tensors: bool = False) -> dict:
+    """Return a JSON-ready summary of the GGUF at ``path`` (validated first)."""
+    h: GGUFFile = validate_gguf(path)
+    arch = h.architecture
+    hparams = {}
+    for k, v in h.metadata.items():
+        if k.startswith(arch + "."):
+            hparams[k[len(arch) + 1:]] = _plain(v)
+    by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
+    for t in h.tensors:
+        d = by_type[t.qtype.name]
+        d["tensors"] += 1
+        d["bytes"] += t.nbytes
+        d["params"] += t.n_elements
+    n_params = sum(t.n_elements for t in h.tensors)
+    tensor_bytes = sum(t.nbytes for t in h.tensors)
+    for d in by_type.values():
+        d["bits_per_weight"] = round(d["bytes"] * 8 / d["params"], 4) if d["params"] else 0.0
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    out = {
+        "path": str(h.path),
+        "gguf_version": h.version,
+        "name": h.metadata.get("general.name"),
+        "architecture": arch,
+        "file_type": h.metadata.get("general.file_type"),
+        "hyperparameters": hparams,
+        "parameters": n_params,
+        "file_size": h.file_size,
+        "tensor_bytes": tensor_bytes,
+        "bits_per_weight": round(tensor_bytes * 8 / n_params, 4) if n_params else 0.0,
+        "tensor_count": len(h.tensors),
+        "types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+        "tokenizer": {
+            "model": h.metadata.get("tokenizer.ggml.model"),
+            "pre": h.metadata.get("tokenizer.ggml.pre"),
+            "vocab_size": tokens.length if isinstance(tokens, ArraySummary) else len(tokens or []),
+            "bos_token_id": h.metadata.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": h.metadata.get("tokenizer.ggml.eos_token_id"),
+        },
+        "chat_template": isinstance(h.metadata.get("tokenizer.chat_template"), str),
+    }
+    if with_tensors:
+        out["tensors"] = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes}
+                          for t in h.tensors]
+    return out
+
+
+def _plain(v):
+    if isinstance(v, ArraySummary):
+        return f"[{v.item_type.name} x {v.length}]"
+    return v
+
+
+def _fmt_params(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def render_text(s: dict) -> str:
+    """Human-readable form of :func:`summarize`'s result."""
+    lines = [
+        f"file:          {s['path']} (GGUF v{s['gguf_version']}, {s['file_size'] / 2**20:.1f} MiB)",
+        f"name:          {s['name']}",
+        f"architecture:  {s['architecture']}",
+        f"parameters:    {_fmt_params(s['parameters'])} ({s['parameters']:,})",
+        f"tensors:       {s['tensor_count']}, {s['tensor_bytes']:,} bytes, {s['bits_per_weight']:.2f} bits/weight",
+        f"tokenizer:     {s['tokenizer']['model']} (pre: {s['tokenizer']['pre']}), "
+        f"{s['tokenizer']['vocab_size']} tokens, bos={s['tokenizer']['bos_token_id']} eos={s['tokenizer']['eos_token_id']}",
+        f"chat template: {'yes' if s['chat_template'] else 'no'}",
+        "hyperparameters:",
+    ]
+    lines += [f"  {k:<36} {v}" for k, v in s["hyperparameters"].items()]
+    lines.append("types:")
+    lines.append(f"  {'TYPE':<8} {'TENSORS':>7} {'BYTES':>14} {'PARAMS':>12} {'BPW':>7}")
+    for name, d in s["types"].items():
+        lines.append(f"  {name:<8} {d['tensors']:>7} {d['bytes']:>14,} {d['params']:>12,} {d['bits_per_weight']:>7.3f}")
+    if "tensors" in s:
+        lines.append("tensors:")
+        w = max(len(t["name"]) for t in s["tensors"])
+        for t in s["tensors"]:
+            lines.append(f"  {t['name']:<{w}} {str(tuple(t['shape'])):<22} {t['type']:<6} {t['bytes']:>12,}")
+    return "\n".join(lines)
