@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Sequence
 
 import jinja2
+import jinja2.ext
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -45,9 +46,20 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """Hugging Face's ``{% generation %}...{% endgeneration %}`` marks: render the body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _env() -> ImmutableSandboxedEnvironment:
-    # Same options as Hugging Face transformers and llama-cpp-python's Jinja2ChatFormatter.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+    # Same options and extensions as Hugging Face transformers' chat-template rendering.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined,
+                                        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.filters["tojson"] = _tojson
@@ -103,15 +115,20 @@ class ChatTemplate:
         """Render ``messages`` to a prompt string.
 
         Raises:
-            TemplateError: the template refuses these messages (e.g. roles it does not accept)
-                or tries to leave the sandbox.
+            TemplateError: the template refuses these messages (e.g. roles it does not accept).
+                A template that tries to leave the sandbox is replaced by ChatML (logged).
         """
         try:
             return self._render(messages, add_generation_prompt)
         except TemplateError:
             raise
         except SecurityError as e:
-            raise TemplateError(f"{self.name}: chat template tried to leave the sandbox: {e}") from None
+            # The template only misbehaves on some inputs: refuse it from now on, keep chatting.
+            self.fallback_reason = f"{self.name}: chat template tried to leave the sandbox ({e})"
+            log.warning("%s; using ChatML instead", self.fallback_reason)
+            self._tmpl = _env().from_string(CHATML_TEMPLATE)
+            self.source = CHATML_TEMPLATE
+            return self._render(messages, add_generation_prompt)
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise TemplateError(f"{self.name}: chat template failed: {e}") from None
 

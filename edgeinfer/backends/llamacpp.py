@@ -15,9 +15,20 @@ from typing import Iterator, Sequence
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
 from edgeinfer.backends.common import PromptBuilder, default_threads, process_memory, quant_label
-from edgeinfer.errors import BackendError
+from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.generation import stream_events
 from edgeinfer.gguf_check import validate_gguf
+
+
+def check_known_architecture(h) -> None:
+    """Refuse a GGUF whose ``general.architecture`` llama.cpp does not know, before loading it."""
+    import gguf
+
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    if h.architecture not in known:
+        raise InvalidModelError(
+            f"{h.path}: unknown architecture {h.architecture!r} (general.architecture); llama.cpp knows "
+            f"{len(known)} architectures, e.g. llama, qwen2, qwen3, gemma3, mistral3 — is the file from a newer tool?")
 
 
 class LlamaCppBackend:
@@ -29,6 +40,7 @@ class LlamaCppBackend:
         opts = opts or LoadOptions()
         self.path = Path(path)
         self.header = validate_gguf(self.path)  # raises InvalidModelError before native code
+        check_known_architecture(self.header)
         import llama_cpp
 
         self._lc = llama_cpp
