@@ -27,6 +27,8 @@ COMMANDS = {
     "inspect": "show what is inside a GGUF file",
     "ls": "list the models edgeinfer can find",
     "pull": "download a GGUF or checkpoint from the Hugging Face Hub",
+    "eval": "measure perplexity and KL-divergence against a reference",
+    "imatrix": "compute an importance matrix from calibration text",
 }
 
 
