@@ -1,0 +1,130 @@
+"""Per-conversation settings: system prompt, model, backend and sampling parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, TextArea
+
+BACKEND_CHOICES = ("llama.cpp", "torch")
+
+# (field, label, type) of the editable SamplingParams fields
+PARAM_FIELDS = (
+    ("temperature", "temperature", float),
+    ("top_k", "top-k", int),
+    ("top_p", "top-p", float),
+    ("min_p", "min-p", float),
+    ("repeat_penalty", "repeat pen.", float),
+    ("max_tokens", "max tokens", int),
+    ("seed", "seed", int),
+)
+
+
+@dataclass
+class ChatSettings:
+    """What the settings screen edits and returns."""
+
+    system_prompt: str
+    model: str
+    backend: str
+    params: dict
+
+
+def parse_params(values: dict[str, str]) -> dict:
+    """Turn the text of the parameter boxes into numbers; raise ValueError naming a bad field."""
+    out = {}
+    for key, label, kind in PARAM_FIELDS:
+        raw = values.get(key, "").strip()
+        if raw == "" and key == "seed":
+            out[key] = None
+            continue
+        try:
+            out[key] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{label}: {raw!r} is not a valid {kind.__name__}") from None
+    if out["temperature"] < 0:
+        raise ValueError("temperature must be >= 0 (0 = greedy)")
+    if not 0 < out["top_p"] <= 1:
+        raise ValueError("top-p must be in (0, 1]")
+    if not 0 <= out["min_p"] <= 1:
+        raise ValueError("min-p must be in [0, 1]")
+    if out["repeat_penalty"] <= 0:
+        raise ValueError("repeat penalty must be > 0")
+    if out["top_k"] < 0:
+        raise ValueError("top-k must be >= 0")
+    return out
+
+
+class SettingsScreen(ModalScreen[ChatSettings | None]):
+    """Edit a conversation's settings. ctrl+s saves, Esc cancels, ctrl+o opens the model picker."""
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", id="settings.save"),
+        Binding("escape", "cancel", "Cancel", id="settings.cancel"),
+        Binding("ctrl+o", "pick_model", "Pick model", id="settings.pick_model"),
+    ]
+
+    def __init__(self, current: ChatSettings, pick_model=None) -> None:
+        super().__init__()
+        self.current = current
+        self._pick_model = pick_model  # callable(current_name, callback) from the app
+
+    def compose(self):
+        c = self.current
+        with Vertical(id="settings-box", classes="modal-box"):
+            yield Label("Chat settings", classes="modal-title")
+            yield Label("System prompt", classes="field-label")
+            yield TextArea(c.system_prompt, id="system-prompt", soft_wrap=True, tab_behavior="focus")
+            with Horizontal(classes="row"):
+                yield Label("model", classes="field-label")
+                yield Input(c.model, id="model", compact=True)
+                yield Label("backend", classes="field-label")
+                yield Select([(b, b) for b in BACKEND_CHOICES], value=c.backend if c.backend in BACKEND_CHOICES
+                             else BACKEND_CHOICES[0], allow_blank=False, id="backend", compact=True)
+            with Grid(id="params-grid"):
+                for key, label, _ in PARAM_FIELDS:
+                    v = c.params.get(key)
+                    yield Label(label, classes="field-label")
+                    yield Input("" if v is None else str(v), id=f"p-{key}", compact=True)
+            with Horizontal(classes="buttons"):
+                yield Button("Save (ctrl+s)", id="save", variant="primary", compact=True)
+                yield Button("Pick model (ctrl+o)", id="pick", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#system-prompt", TextArea).focus()
+
+    def result(self) -> ChatSettings:
+        """The edited settings; raises ValueError with a message for the user."""
+        values = {key: self.query_one(f"#p-{key}", Input).value for key, _, _ in PARAM_FIELDS}
+        params = parse_params(values)
+        model = self.query_one("#model", Input).value.strip() or "default"
+        return ChatSettings(system_prompt=self.query_one("#system-prompt", TextArea).text, model=model,
+                            backend=str(self.query_one("#backend", Select).value), params=params)
+
+    def action_save(self) -> None:
+        try:
+            res = self.result()
+        except ValueError as e:
+            self.notify(str(e), severity="error", timeout=4)
+            return
+        self.dismiss(res)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_pick_model(self) -> None:
+        if self._pick_model is None:
+            return
+
+        def chosen(name: str | None) -> None:
+            if name:
+                self.query_one("#model", Input).value = name
+
+        self._pick_model(self.query_one("#model", Input).value, chosen)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        {"save": self.action_save, "cancel": self.action_cancel, "pick": self.action_pick_model}[event.button.id]()

@@ -1,0 +1,1 @@
+"""Widgets of the chat UI. None imports torch, llama.cpp or a backend module."""
