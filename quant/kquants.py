@@ -1,0 +1,568 @@
+"""K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), byte-identical to llama.cpp.
+
+Reference: ggml/src/ggml-quants.c (``quantize_row_qX_K_ref`` without an importance
+matrix, ``quantize_row_qX_K_impl`` with one; ``make_qx_quants``, ``make_q3_quants``,
+``make_qkx2_quants``/``make_qkx3_quants``, ``make_qp_quants``, ``nearest_int``).
+The algorithms are re-derived here in vectorised numpy: every block is processed at
+once, the short per-group loops (16 or 32 values) run as Python loops over whole
+columns, and every accumulation follows C's order and float32 rounding:
+
+* group data lives in ``[n, G]`` arrays (value index first, one column per group), so
+  ``np.add.reduce(axis=0)`` adds the rows one after another like C's ``for`` loop
+  (numpy's pairwise summation only applies along a contiguous reduction axis);
+* every constant is a float32 and integers are converted to float32 before they meet
+  a float, so nothing is promoted to float64;
+* ``nearest_int`` is C's "add 1.5*2^23" trick, done in float32; clamping the biased
+  float before removing the bias is exact for every |value| < 2^22;
+* fp16 scales round to nearest-even (numpy's conversion, like ggml's).
+
+The public entry point is :func:`quantize_k` (rows of float32 in, GGUF block bytes out).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.constants import GGML_QUANT_SIZES
+
+QK_K = 256
+F32 = np.float32
+_MAGIC = F32(12582912.0)      # 1.5 * 2**23: adding it rounds a float32 to an integer
+_GROUP_MAX_EPS = F32(1e-15)   # ggml's GROUP_MAX_EPS
+
+
+class KQuantError(ValueError):
+    """Input that a K-quant encoder cannot take (wrong shape, dtype, imatrix size)."""
+
+
+# --------------------------------------------------------------------------- primitives
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Sum ``a`` [n, G] over axis 0 strictly in order a[0] + a[1] + ... (C loop order)."""
+    if a.shape[1] > 1 and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0)
+    out = a[0].copy()
+    for i in range(1, a.shape[0]):
+        out += a[i]
+    return out
+
+
+def _biased(v: np.ndarray) -> np.ndarray:
+    """float32(v + 1.5*2^23): the integer nearest to v (ties to even), plus the bias."""
+    return np.add(v, _MAGIC, dtype=F32)
+
+
+def _nint(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """clamp(nearest_int(v), lo, hi) as float32.
+
+    For |v| < 2^22 (where C's trick is valid) adding 1.5*2^23 rounds exactly like
+    ``rint`` (nearest, ties to even), so the faster ``rint`` is used.
+    """
+    r = np.rint(v)
+    np.clip(r, F32(lo), F32(hi), out=r)
+    return r
+
+
+def _nint_i(v: np.ndarray) -> np.ndarray:
+    """nearest_int(v) exactly as C computes it (int32, no clamp)."""
+    return (_biased(v).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGML_FP32_TO_FP16 then back: (uint16 bits, float32 value)."""
+    h = np.asarray(v, dtype=F32).astype(np.float16)
+    return h.view(np.uint16), h.astype(F32)
+
+
+def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of x [n, G]: (largest |x|, the signed x where it first occurs)."""
+    ax = np.abs(x)
+    idx = np.argmax(ax, axis=0)
+    cols = np.arange(x.shape[1])
+    return ax[idx, cols], x[idx, cols]
+
+
+def _div(a, b):
+    """a / b in float32 with division-by-zero silenced (masked out by the caller)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.divide(a, b, dtype=F32)
+
+
+# ------------------------------------------------------------------ per-group searches
+
+def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` for every column of x [n, G].
+
+    ``w`` is the weight per value (``x*x`` when the C code gets ``qw == NULL``).
+    Returns (scale [G], L [n, G] float32 in 0..2*nmax-1, the offset form C stores).
+    """
+    amax, vmax = _first_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    with np.errstate(all="ignore"):
+        iscale = F32(-nmax) / vmax
+        l = _nint(iscale * x, -nmax, nmax - 1)
+        wx = w * x
+        sumlx = _seqsum(wx * l)
+        suml2 = _seqsum((w * l) * l)
+        scale = np.where(suml2 != 0, _div(sumlx, suml2), F32(0))
+        best = scale * sumlx
+        L = l + F32(nmax)
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
+            l = _nint(iscale * x, -nmax, nmax - 1)
+            slx = _seqsum(wx * l)
+            sl2 = _seqsum((w * l) * l)
+            upd = (sl2 > 0) & (slx * slx > best * sl2)
+            if upd.any():
+                np.copyto(L, l + F32(nmax), where=upd)
+                scale = np.where(upd, _div(slx, sl2), scale)
+                best = np.where(upd, scale * slx, best)
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), L
+
+
+def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for every column of x [n, G].
+
+    Greedy coordinate descent: up to 5 passes, each value in order.  A pass that
+    changes nothing leaves the state unchanged, so running all 5 for every column
+    equals C's early exit.  Returns (scale [G], L [n, G] float32 offset by nmax).
+    """
+    amax, vmax = _first_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    with np.errstate(all="ignore"):
+        l = _nint((F32(-nmax) / vmax) * x, -nmax, nmax - 1)
+        w = x * x
+        wx = w * x
+        sumlx = _seqsum(wx * l)
+        suml2 = _seqsum((w * l) * l)
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                li = l[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - (w[i] * li) * li
+                new = _nint(_div(x[i] * sl2, slx), -nmax, nmax - 1)
+                slx2 = slx + wx[i] * new
+                sl22 = sl2 + (w[i] * new) * new
+                take = ((slx > 0) & (new != li) & (sl22 > 0)
+                        & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+                l[i] = np.where(take, new, li)
+                sumlx = np.where(take, slx2, sumlx)
+                suml2 = np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
+    L = l + F32(nmax)
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), L
+
+
+def _make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+              nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml ``make_qkx2_quants`` / ``make_qkx3_quants`` (identical once weights are given).
+
+    Asymmetric scale+min search for every column of x [n, G] with weights w [n, G].
+    Returns (scale [G], the_min [G] (= -min, >= 0), L [n, G] float32 in 0..nmax).
+    Note C's ``min`` moves when a candidate wins, and later candidates use the new one.
+    The loop body works in place in three scratch buffers (this is the hot loop).
+    """
+    mn = np.minimum(x.min(axis=0), F32(0))
+    mx = x.max(axis=0)
+    flat = mx <= mn
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
+    la, wl, t = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+
+    def levels(iscale):                       # la = clamp(nearest_int(iscale*(x - mn)))
+        np.subtract(x, mn, out=la)
+        np.multiply(la, iscale, out=la)
+        np.rint(la, out=la)
+        np.clip(la, F32(0), F32(nmax), out=la)
+
+    def err(scale, vmin):                     # sum_i w*(scale*la + vmin - x)^2 (or |.|)
+        np.multiply(la, scale, out=t)
+        np.add(t, vmin, out=t)
+        np.subtract(t, x, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(t, w, out=t)
+        return _seqsum(t)
+
+    with np.errstate(all="ignore"):
+        iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
+        scale = F32(1) / iscale
+        levels(iscale)
+        L = la.copy()
+        best = err(scale, mn)
+        for step in range(nstep + 1):
+            num = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
+            levels(num / (mx - mn))
+            np.multiply(w, la, out=wl)
+            sum_l = _seqsum(wl)
+            sum_l2 = _seqsum(np.multiply(wl, la, out=t))
+            sum_xl = _seqsum(np.multiply(wl, x, out=t))
+            D = sum_w * sum_l2 - sum_l * sum_l
+            t_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
+            t_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
+            pos = t_min > 0
+            t_min = np.where(pos, F32(0), t_min)
+            t_scale = np.where(pos, _div(sum_xl, sum_l2), t_scale)
+            cur = err(t_scale, t_min)
+            upd = (D > 0) & (cur < best) & ~flat
+            if upd.any():
+                np.copyto(L, la, where=upd)
+                best = np.where(upd, cur, best)
+                scale = np.where(upd, t_scale, scale)
+                mn = np.where(upd, t_min, mn)
+    L[:, flat] = 0
+    return np.where(flat, F32(0), scale).astype(F32), (-mn).astype(F32), L
+
+
+def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_qp_quants`` (non-negative values, weighted) for every column of x [n, G].
+
+    Returns (scale [G], L [n, G] float32 as the uint8 C stores, 0..nmax normally).
+    """
+    vmax = np.maximum(x.max(axis=0), F32(0))
+    zero = vmax < _GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    with np.errstate(all="ignore"):
+        iscale = F32(nmax) / vmax
+        L = (_nint_i(iscale * x) & 0xFF).astype(F32)           # uint8 store, no clamp
+        scale = F32(1) / iscale
+        d = x - scale * L
+        best = _seqsum((w * d) * d)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            isc = (F32(0.1) * F32(step) + F32(nmax)) / vmax
+            l = np.minimum(_nint_i(isc * x), nmax).astype(F32)
+            d = x - (F32(1) / isc) * l
+            mse = _seqsum((w * d) * d)
+            upd = mse < best
+            best = np.where(upd, mse, best)
+            iscale = np.where(upd, isc, iscale)
+        li = np.minimum(_nint_i(iscale * x), nmax)
+        l = li.astype(F32)
+        L = (li & 0xFF).astype(F32)
+        wx = w * x
+        sumlx = _seqsum(wx * l)
+        suml2 = _seqsum((w * l) * l)
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                Li = L[i]
+                slx = sumlx - wx[i] * Li
+                sl2 = suml2 - (w[i] * Li) * Li
+                new = np.minimum(_nint_i(_div(x[i] * sl2, slx)), nmax).astype(F32)
+                slx2 = slx + wx[i] * new
+                sl22 = sl2 + (w[i] * new) * new
+                take = ((slx > 0) & (sl2 > 0) & (new != Li)
+                        & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+                L[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), Li)
+                sumlx = np.where(take, slx2, sumlx)
+                suml2 = np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), L
+
+
+# ------------------------------------------------------------------------- helpers
+
+def _groups(x: np.ndarray, n: int) -> np.ndarray:
+    """Blocks [nb, 256] -> groups [n, nb*256/n] (value index first, contiguous)."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def _ungroup(g: np.ndarray, nb: int) -> np.ndarray:
+    """Inverse of :func:`_groups`: [n, nb*256/n] -> [nb, 256]."""
+    return np.ascontiguousarray(g.T).reshape(nb, QK_K)
+
+
+def _block_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
+    """factor * sum(x^2 over the 256 values, in order) / 256 per block [nb] -> [nb]."""
+    s = _seqsum(np.ascontiguousarray((x * x).T))
+    return (F32(factor) * s) / F32(QK_K)
+
+
+def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """qw * sqrtf(sigma2 + x*x) per value: [nb, 256]."""
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Pack 8 six-bit scales and mins [nb, 8] (uint8) into the 12-byte K4/K5 layout."""
+    s = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    s[:, 0:4] = ls[:, 0:4]
+    s[:, 4:8] = lm[:, 0:4]
+    s[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    s[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    s[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return s
+
+
+def _unpack_k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``get_scale_min_k4`` for j = 0..7: [nb, 12] -> (sc [nb, 8], m [nb, 8])."""
+    sc = np.empty((s.shape[0], 8), dtype=np.uint8)
+    m = np.empty_like(sc)
+    sc[:, :4] = s[:, 0:4] & 63
+    m[:, :4] = s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)
+    m[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _requant_asym(x, L, d, dm, nsub, nmax):
+    """L = clamp(nearest_int((x + dm)/d), 0, nmax) where d != 0, per sub-block.
+
+    x, L: [nb, 256]; d, dm: [nb, nsub].  Sub-blocks with d == 0 keep their L.
+    """
+    xs = x.reshape(x.shape[0], nsub, -1)
+    new = _nint(_div(xs + dm[..., None], d[..., None]), 0, nmax)
+    np.copyto(new, L.reshape(xs.shape), where=(d == 0)[..., None])
+    return new.reshape(x.shape)
+
+
+def _requant_sym(x, L, d, nsub, lo, hi):
+    """L = clamp(nearest_int(x/d), lo, hi) - lo where d != 0 (symmetric types)."""
+    xs = x.reshape(x.shape[0], nsub, -1)
+    new = _nint(_div(xs, d[..., None]), lo, hi) - F32(lo)
+    np.copyto(new, L.reshape(xs.shape), where=(d == 0)[..., None])
+    return new.reshape(x.shape)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K low bits: [nb, 256] (values 0..3) -> [nb, 64]."""
+    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _u16(bits: np.ndarray) -> np.ndarray:
+    """fp16 bits [nb] -> little-endian bytes [nb, 2]."""
+    return bits.astype("<u2").view(np.uint8).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------- block encoders
+# Each takes x [nb, 256] float32 and qw [nb, 256] float32 (importance weights of the
+# columns these values sit in) or None, and returns the GGUF blocks [nb, type_size].
+
+def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
+    """Q4_K (nmax 15) / Q5_K (nmax 31): ``quantize_row_q{4,5}_K_ref`` / ``_impl``."""
+    nb = x.shape[0]
+    xg = _groups(x, 32)                                           # [32, nb*8]
+    if qw is None:
+        av_x = np.sqrt(_seqsum(xg * xg) / F32(32))
+        wg = av_x + np.abs(xg)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = _make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_s = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+            inv_m = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        ls = np.minimum(_nint_i(inv_s[:, None] * scales) & 0xFF, 63).astype(np.uint8)
+        lm = np.minimum(_nint_i(inv_m[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+        d_bits, d16 = _fp16(max_scale / F32(63))
+        m_bits, m16 = _fp16(max_min / F32(63))
+    else:
+        w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
+        wg = _groups(w, 32)
+        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 8).T)   # [8, nb]
+        scales, mins, L = _make_qkx(xg, wg, nmax, -0.9, 0.05, 36, False)
+        d_block, Ls = _make_qp(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
+        m_block, Lm = _make_qp(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
+        ls, lm = Ls.T.astype(np.uint8), Lm.T.astype(np.uint8)
+        if nmax == 31:                                            # only q5_K_impl clamps
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+        d_bits, d16 = _fp16(d_block)
+        m_bits, m16 = _fp16(m_block)
+    packed = _pack_k4_scales(ls, lm)
+    sc, m = _unpack_k4_scales(packed)
+    d = d16[:, None] * sc.astype(F32)
+    dm = m16[:, None] * m.astype(F32)
+    L = _requant_asym(x, _ungroup(L, nb), d, dm, 8, nmax).astype(np.uint8)
+    Lq = L.reshape(nb, 4, 2, 32)                                  # [nb, chunk, half, l]
+    qs = ((Lq[:, :, 0] & 0xF) | ((Lq[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
+    head = [_u16(d_bits), _u16(m_bits), packed]
+    if nmax == 15:
+        return np.concatenate(head + [qs], axis=1)
+    hi = (Lq >> 4).reshape(nb, 8, 32)                             # bit 2c (+1) for chunk c
+    qh = np.zeros((nb, 32), dtype=np.uint8)
+    for k in range(8):
+        qh |= hi[:, k] << k
+    return np.concatenate(head + [qh, qs], axis=1)
+
+
+def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Q6_K: ``quantize_row_q6_K_ref`` / ``_impl`` (210 bytes per block)."""
+    nb = x.shape[0]
+    xg = _groups(x, 16)                                           # [16, nb*16]
+    wg = xg * xg if qw is None else _groups(qw, 16)
+    scales, L = _make_qx(xg, 32, wg)
+    sc = scales.reshape(nb, 16)
+    amax, vmax = _first_absmax(np.ascontiguousarray(sc.T))
+    zero = amax < _GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    iscale = F32(-128) / vmax
+    d_bits, d16 = _fp16(F32(1) / iscale)
+    q = np.minimum(_nint_i(iscale[:, None] * sc), 127).astype(np.int8)
+    d = d16[:, None] * q.astype(F32)
+    L = _requant_sym(x, _ungroup(L, nb), d, 16, -32, 31).astype(np.uint8)
+    Lq = L.reshape(nb, 2, 4, 32)                                  # [nb, half, quarter, l]
+    lo = Lq & 0xF
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
+                        axis=2).reshape(nb, 128)
+    hi = Lq >> 4
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out = np.concatenate([ql, qh, q.view(np.uint8), _u16(d_bits)], axis=1)
+    out[zero] = 0
+    return out
+
+
+def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Q3_K: ``quantize_row_q3_K_ref`` / ``_impl`` (110 bytes per block)."""
+    nb = x.shape[0]
+    xg = _groups(x, 16)                                           # [16, nb*16]
+    if qw is None:
+        scales, L = _make_q3(xg, 4)
+        sc = scales.reshape(nb, 16)
+        amax, vmax = _first_absmax(np.ascontiguousarray(sc.T))
+        has = vmax != 0
+        iscale = F32(-32) / np.where(has, vmax, F32(1))
+        l = (_nint_i(iscale[:, None] * sc) & 0xFF).astype(np.int8).astype(np.int32)
+        ls = np.where(has[:, None], np.clip(l, -32, 31) + 32, 0)
+        d_bits, d16 = _fp16(np.where(has, F32(1) / iscale, F32(0)))
+        sgn = np.where(has[:, None], ls - 32, -32)
+    else:
+        w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
+        wg = _groups(w, 16)
+        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
+        scales, L = _make_qx(xg, 4, wg)
+        d_block, Ls = _make_qx(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
+        ls = Ls.T.astype(np.int32)
+        d_bits, d16 = _fp16(d_block)
+        sgn = ls - 32
+    d = d16[:, None] * sgn.astype(F32)
+    L = _requant_sym(x, _ungroup(L, nb), d, 16, -4, 3).astype(np.uint8)
+    ls = ls.astype(np.uint8)
+    s = np.zeros((nb, 12), dtype=np.uint8)
+    s[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
+    for j in range(16):
+        s[:, 8 + j % 4] |= (ls[:, j] >> 4) << (2 * (j // 4))
+    Lk = L.reshape(nb, 8, 32)
+    high = Lk > 3
+    hmask = np.zeros((nb, 32), dtype=np.uint8)
+    for k in range(8):
+        hmask |= high[:, k].astype(np.uint8) << k
+    L = np.where(high, Lk - 4, Lk).reshape(nb, QK_K)
+    return np.concatenate([hmask, _pack_2bit(L), s, _u16(d_bits)], axis=1)
+
+
+def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Q2_K: ``quantize_row_q2_K_ref`` / ``_impl`` (84 bytes per block)."""
+    nb = x.shape[0]
+    xg = _groups(x, 16)                                           # [16, nb*16]
+    if qw is None:
+        scales, mins, L = _make_qkx(xg, np.abs(xg), 3, -0.5, 0.1, 15, True)
+        scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_s = np.where(max_scale > 0, F32(15) / max_scale, F32(0))
+            inv_m = np.where(max_min > 0, F32(15) / max_min, F32(0))
+        sb = (_nint_i(inv_s[:, None] * scales) & 0xFF).astype(np.uint8)
+        sb |= ((_nint_i(inv_m[:, None] * mins) << 4) & 0xFF).astype(np.uint8)
+        d_bits, d16 = _fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
+        m_bits, m16 = _fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
+    else:
+        w = _imatrix_weights(x, qw, _block_sigma2(x, 1.0))
+        wg = _groups(w, 16)
+        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
+        scales, mins, L = _make_qkx(xg, wg, 3, -0.9, 0.05, 36, False)
+        dm, Ls = _make_qp(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
+        mm, Lm = _make_qp(np.ascontiguousarray(mins.reshape(nb, 16).T), 15, sw)
+        sb = (Ls.T.astype(np.uint8) | (Lm.T.astype(np.uint8) << 4)).astype(np.uint8)
+        d_bits, d16 = _fp16(dm)
+        m_bits, m16 = _fp16(mm)
+    d = d16[:, None] * (sb & 0xF).astype(F32)
+    dmin = m16[:, None] * (sb >> 4).astype(F32)
+    L = _requant_asym(x, _ungroup(L, nb), d, dmin, 16, 3)
+    return np.concatenate([sb, _pack_2bit(L), _u16(d_bits), _u16(m_bits)], axis=1)
+
+
+_ENCODERS = {
+    QT.Q2_K: _encode_q2,
+    QT.Q3_K: _encode_q3,
+    QT.Q4_K: lambda x, qw: _encode_q45(x, qw, 15),
+    QT.Q5_K: lambda x, qw: _encode_q45(x, qw, 31),
+    QT.Q6_K: _encode_q6,
+}
+K_TYPES = tuple(_ENCODERS)
+
+# blocks per work item: ~64K values keep every temporary inside a core's L2 cache
+_CHUNK_BLOCKS = 256
+
+
+def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
+               n_threads: int | None = None) -> np.ndarray:
+    """Quantize rows of float32 to a K-quant type, byte-identical to llama.cpp.
+
+    Args:
+        x: float32 [rows, cols] (a 1-D array is one row); cols must be a multiple of 256.
+        qtype: one of ``K_TYPES`` (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
+        imatrix: optional importance weights [cols] (float32, one per column, as in a
+            llama.cpp imatrix entry); with it the ``quantize_qX_K(..., quant_weights)``
+            path is followed, without it the ``_ref`` path (what ``llama_model_quantize``
+            runs with no imatrix).
+        n_threads: worker threads (default: all cores); numpy releases the GIL.
+    Returns:
+        uint8 [rows, cols // 256 * type_size], the GGUF tensor data.
+    Raises:
+        KQuantError: wrong type, shape, dtype or imatrix length.
+    """
+    if qtype not in _ENCODERS:
+        raise KQuantError(f"{QT(qtype).name} is not a K-quant type this encoder writes "
+                          f"(supported: {', '.join(t.name for t in K_TYPES)})")
+    x = np.asarray(x)
+    if x.dtype != F32:
+        raise KQuantError(f"K-quant input must be float32, got {x.dtype}; convert with .astype(np.float32)")
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] % QK_K:
+        raise KQuantError(f"K-quant input must be [rows, cols] with cols a multiple of {QK_K}, "
+                          f"got shape {tuple(x.shape)}; use a 32-block type (Q5_0/Q8_0) for this tensor")
+    rows, cols = x.shape
+    nbr = cols // QK_K
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    qwb = None
+    if imatrix is not None:
+        imatrix = np.asarray(imatrix, dtype=F32).reshape(-1)
+        if imatrix.shape[0] != cols:
+            raise KQuantError(f"imatrix has {imatrix.shape[0]} entries but the tensor rows have {cols} "
+                              "columns; the imatrix was computed for a different model or tensor")
+        qwb = imatrix.reshape(nbr, QK_K)
+    blocks = np.ascontiguousarray(x).reshape(rows * nbr, QK_K)
+    nb = blocks.shape[0]
+    out = np.empty((nb, type_size), dtype=np.uint8)
+    enc = _ENCODERS[qtype]
+
+    def work(start: int) -> None:
+        stop = min(nb, start + _CHUNK_BLOCKS)
+        qw = None if qwb is None else qwb[np.arange(start, stop) % nbr]
+        out[start:stop] = enc(blocks[start:stop], qw)
+
+    starts = range(0, nb, _CHUNK_BLOCKS)
+    n_threads = n_threads or os.cpu_count() or 1
+    if n_threads <= 1 or nb <= _CHUNK_BLOCKS:
+        for s in starts:
+            work(s)
+    else:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(work, starts))
+    return out.reshape(rows, nbr * type_size)
