@@ -1,0 +1,76 @@
+"""Convert a Hugging Face checkpoint (folder or hub repo id) to a GGUF file, one tensor at a time.
+
+Examples:
+  edgeinfer convert ./SmolLM2-135M-Instruct --qtype Q8_0
+  edgeinfer convert Qwen/Qwen2.5-0.5B-Instruct --qtype Q4_0 -o qwen.gguf --offline
+  edgeinfer convert ./model --qtype Q5_1 --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or a hub repo id (owner/name)")
+    p.add_argument("-o", "--output", metavar="OUT", default=None,
+                   help="output .gguf file or folder (default: <Name>-<Size>-<QTYPE>.gguf in the current folder)")
+    p.add_argument("--qtype", default="Q8_0", type=str.upper, choices=QTYPES, help="tensor type (default Q8_0)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, size, bits/weight) and exit")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for encoding (default: all cores)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_plan(plan, out) -> None:
+    """The --dry-run table: every tensor, its type, output size and bits per weight."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{plan.spec.name} -> {plan.spec.gguf_arch_name} GGUF, {plan.qtype}: {out}")
+    for col in ("tensor", "shape", "type", "size", "bpw", "note"):
+        table.add_column(col, justify="right" if col in ("size", "bpw") else "left")
+    for t in plan.tensors:
+        bpw = 8 * t.nbytes / max(t.n_elements, 1)
+        table.add_row(t.gguf_name, "x".join(map(str, t.shape)), t.ggml_type.name, _size(t.nbytes),
+                      f"{bpw:.2f}", t.decision.reason)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    total_bpw = 8 * plan.nbytes / max(plan.n_params, 1)
+    console.print(f"{len(plan.tensors)} tensors, {plan.n_params / 1e6:.1f} M parameters, "
+                  f"{_size(plan.nbytes)} of tensor data ({total_bpw:.2f} bits/weight); "
+                  f"vocabulary {len(plan.vocab)} tokens ({plan.vocab.model}"
+                  f"{', pre=' + plan.vocab.pre if plan.vocab.pre else ''}); skipped: {len(plan.skipped)}")
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from edgeinfer.quant.convert import default_output_name, plan_conversion, write_gguf
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = plan_conversion(args.src, args.qtype, offline=getattr(args, "offline", None) or None)
+    out = Path(args.output) if args.output else Path.cwd()
+    if out.is_dir():
+        out = out / default_output_name(plan)
+    if args.dry_run:
+        print_plan(plan, out)
+        return 0
+    show = not args.no_progress and sys.stderr.isatty()
+    path = write_gguf(plan, out, force=args.force, progress=show)
+    print(f"wrote {path} ({_size(path.stat().st_size)}, {plan.qtype}, {len(plan.tensors)} tensors)")
+    return 0

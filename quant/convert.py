@@ -1,0 +1,336 @@
+"""The conversion pipeline: checkpoint -> plan -> GGUF, one tensor at a time.
+
+``plan_conversion`` reads only headers and JSON (config, safetensors headers, tokenizer) and decides
+every output tensor's name, shape and type; ``write_gguf`` then writes the GGUF header, metadata
+and tensor table, streams each tensor (read from its memory map -> float32 -> fix-ups -> encoder ->
+file) and renames the temporary file into place only once everything is written.
+
+Data flow: source.py (files) -> archs.py (names, fix-ups, hparams) -> vocab.py (tokenizer) ->
+policy.py (types) -> quantizers.py (bytes) -> gguf.GGUFWriter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from edgeinfer.errors import ConversionError
+from edgeinfer.quant import archs as A
+from edgeinfer.quant.policy import FILE_TYPES, Policy, TensorPlanInput, TypeDecision, default_policy
+from edgeinfer.quant.quantizers import REGISTRY, quantize
+from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
+from edgeinfer.quant.vocab import Vocab, load_vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: where it comes from, what it becomes."""
+
+    gguf_name: str
+    shape: tuple[int, ...]  # output shape, numpy order [rows, cols]
+    decision: TypeDecision
+    source: TensorRef | None  # None for generated tensors
+    kind: gguf.MODEL_TENSOR | None = None
+    make: Callable[[], torch.Tensor] | None = None  # generated tensors
+
+    @property
+    def ggml_type(self) -> T:
+        return self.decision.ggml_type
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        bs, ts = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        return self.n_elements // bs * ts
+
+
+@dataclass
+class ConversionPlan:
+    checkpoint: Checkpoint
+    spec: A.ArchSpec
+    ctx: A.ArchContext
+    vocab: Vocab
+    qtype: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def largest_f32_bytes(self) -> int:
+        return max((t.n_elements * 4 for t in self.tensors), default=0)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _kind_of(name: str, n_layers: int) -> tuple[gguf.MODEL_TENSOR | None, int | None]:
+    base = name.rsplit(".", 1)[0]
+    parts = base.split(".")
+    bid = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdecimal() else None
+    for kind, tmpl in gguf.TENSOR_NAMES.items():
+        if (tmpl.format(bid=bid) if "{bid}" in tmpl else tmpl) == base:
+            return kind, bid
+    return None, bid
+
+
+def _expected_shape(kind: gguf.MODEL_TENSOR | None, c: A.ArchContext, rows_vocab: int) -> tuple[int, ...] | None:
+    h, hd = int(c.cfg["hidden_size"]), c.head_dim
+    ff = int(c.cfg["intermediate_size"])
+    M = gguf.MODEL_TENSOR
+    table = {
+        M.TOKEN_EMBD: (rows_vocab, h), M.OUTPUT: (rows_vocab, h), M.OUTPUT_NORM: (h,),
+        M.ATTN_NORM: (h,), M.FFN_NORM: (h,), M.ATTN_POST_NORM: (h,), M.FFN_POST_NORM: (h,),
+        M.ATTN_Q: (c.n_head * hd, h), M.ATTN_K: (c.n_head_kv * hd, h), M.ATTN_V: (c.n_head_kv * hd, h),
+        M.ATTN_OUT: (h, c.n_head * hd), M.FFN_GATE: (ff, h), M.FFN_UP: (ff, h), M.FFN_DOWN: (h, ff),
+        M.ATTN_Q_NORM: (hd,), M.ATTN_K_NORM: (hd,),
+    }
+    return table.get(kind)
+
+
+def _expected_bias(kind, c: A.ArchContext):
+    M = gguf.MODEL_TENSOR
+    return {M.ATTN_Q: (c.n_head * c.head_dim,), M.ATTN_K: (c.n_head_kv * c.head_dim,),
+            M.ATTN_V: (c.n_head_kv * c.head_dim,)}.get(kind)
+
+
+def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy = default_policy,
+                    offline: bool | None = None) -> ConversionPlan:
+    """Decide everything about the output without reading any tensor data.
+
+    Args:
+        src: checkpoint folder or hub repo id.
+        qtype: one of :data:`edgeinfer.quant.policy.FILE_TYPES` (or a type a recipe understands).
+        policy: per-tensor type decision (:func:`default_policy` reproduces llama.cpp).
+    Raises:
+        ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes).
+    """
+    try:
+        base_type = T[qtype.upper()]
+    except KeyError:
+        raise ConversionError(f"unknown --qtype {qtype!r}; choose one of {', '.join(FILE_TYPES)}") from None
+    ck = open_checkpoint(src, offline=offline)
+    spec = A.find_arch(ck.config, str(ck.path / "config.json"))
+    cfg = A.text_config(ck.config)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if not isinstance(cfg.get(key), int):
+            raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
+    n_layers = int(cfg["num_hidden_layers"])
+    vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0))
+    ctx = A.ArchContext(cfg, len(vocab))
+    name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
+    tie = bool(cfg.get("tie_word_embeddings", ck.config.get("tie_word_embeddings", False)))
+    refs = sorted(ck.tensors.values(), key=lambda r: (str(r.file), r.start))
+    has_output = any(A.gguf_name(spec, name_map, r.name) == "output.weight" for r in refs) and not tie
+    plan = ConversionPlan(ck, spec, ctx, vocab, qtype.upper())
+    trims = A.trim_vocab in spec.fixups
+
+    def add(gname: str, shape: tuple[int, ...], ref: TensorRef | None, make=None) -> None:
+        kind, bid = _kind_of(gname, n_layers)
+        tin = TensorPlanInput(gname, shape, kind, bid, n_layers, base_type, tied_output=not has_output)
+        decision = policy(tin)
+        if decision.ggml_type not in REGISTRY:
+            raise ConversionError(f"{gname}: no encoder for type {decision.ggml_type.name} is available")
+        plan.tensors.append(PlannedTensor(gname, shape, decision, ref, kind, make))
+
+    for fn in spec.extra_tensors:
+        for kind, tensor in fn(ctx):
+            add(gguf.TENSOR_NAMES[kind] + ".weight", tuple(tensor.shape), None, make=(lambda t=tensor: t))
+
+    seen_blocks: dict[int, set[str]] = {}
+    for ref in refs:
+        gname = A.gguf_name(spec, name_map, ref.name)
+        if gname is None:
+            if ref.name.endswith(A.SKIP_SUFFIXES) or ref.name.startswith(A.MULTIMODAL_PREFIXES):
+                plan.skipped.append(ref.name)
+                continue
+            raise ConversionError(f"{ref.file}: tensor {ref.name!r} has no GGUF name for architecture "
+                                  f"{spec.name}; the checkpoint does not match its config.json")
+        if gname == "output.weight" and not has_output:
+            plan.skipped.append(ref.name)  # tied to token_embd
+            continue
+        if ref.dtype not in ST_DTYPES:
+            raise ConversionError(
+                f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}; only F32, F16 and BF16 weights can be "
+                f"converted (re-save the checkpoint in bfloat16/float16/float32)")
+        kind, bid = _kind_of(gname, n_layers)
+        shape = ref.shape
+        is_bias = gname.endswith(".bias")
+        want = _expected_bias(kind, ctx) if is_bias else _expected_shape(kind, ctx, shape[0] if kind in (
+            gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT) else 0)
+        if kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT) and not is_bias:
+            if shape[0] < len(vocab):
+                raise ConversionError(f"{ref.file}: {ref.name} has {shape[0]} rows but the tokenizer has "
+                                      f"{len(vocab)} tokens; the tokenizer does not belong to this model")
+            if shape[0] > len(vocab):
+                if not trims:
+                    vocab.pad_to(shape[0])
+                    ctx.n_vocab = len(vocab)
+                else:
+                    shape = (len(vocab),) + tuple(shape[1:])
+            want = (shape[0], int(cfg["hidden_size"]))
+        if want is not None and tuple(shape) != tuple(want):
+            raise ConversionError(f"{ref.file}: tensor {ref.name!r} has shape {list(ref.shape)} but config.json "
+                                  f"implies {list(want)}; the weights do not match the config")
+        if bid is not None:
+            if bid >= n_layers:
+                raise ConversionError(f"{ref.file}: tensor {ref.name!r} is in layer {bid} but config.json has "
+                                      f"{n_layers} layers")
+            seen_blocks.setdefault(bid, set()).add(gname.split(".", 2)[2])
+        add(gname, tuple(shape), ref)
+
+    first = seen_blocks.get(0, set())
+    for b in range(n_layers):
+        if seen_blocks.get(b, set()) != first or not first:
+            missing = sorted(first - seen_blocks.get(b, set())) or ["all tensors"]
+            raise ConversionError(f"{ck.path}: layer {b} is missing {', '.join(missing)}; the checkpoint is "
+                                  f"incomplete (a missing shard?)")
+    if not any(t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD for t in plan.tensors):
+        raise ConversionError(f"{ck.path}: no token embedding tensor found; the checkpoint is incomplete")
+    return plan
+
+
+# --------------------------------------------------------------------------- naming and metadata
+
+
+def _metadata(plan: ConversionPlan) -> gguf.Metadata:
+    ck = plan.checkpoint
+    md = gguf.Metadata.load(None, ck.path, None, plan.n_params)
+    if plan.checkpoint.repo_id:
+        md.name = plan.checkpoint.repo_id.split("/")[-1]
+    if md.name is None:
+        md.name = ck.path.name
+    if md.size_label is None:
+        md.size_label = gguf.size_label(plan.n_params, 0, 0, 0)
+    return md
+
+
+def default_output_name(plan: ConversionPlan) -> str:
+    """``<Name>-<Size>-<QTYPE>.gguf`` as llama.cpp names its files (``gguf.naming_convention``)."""
+    md = _metadata(plan)
+    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label, plan.qtype) + ".gguf"
+
+
+def _build_writer(plan: ConversionPlan) -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(path=None, arch=plan.spec.gguf_arch_name)
+    w.add_type(gguf.GGUFType.MODEL)
+    _metadata(plan).set_gguf_meta_model(w)
+    for hp in plan.spec.hparams:
+        hp(w, plan.ctx)
+    if plan.qtype in FILE_TYPES:
+        w.add_file_type(FILE_TYPES[plan.qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    plan.vocab.add_to_gguf(w)
+    for t in plan.tensors:
+        w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+    return w
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def load_tensor(plan: ConversionPlan, t: PlannedTensor) -> torch.Tensor:
+    """The float32 data of one planned tensor with the architecture's fix-ups applied."""
+    x = t.make() if t.make is not None else t.source.load_f32()
+    hf_name = t.source.name if t.source is not None else t.gguf_name
+    for fix in plan.spec.fixups:
+        x = fix(hf_name, t.gguf_name, x, plan.ctx)
+    if tuple(x.shape) != tuple(t.shape):
+        raise ConversionError(f"{t.gguf_name}: produced shape {list(x.shape)} but {list(t.shape)} was planned")
+    return x
+
+
+def encode_tensor(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray:
+    """Bytes of one tensor in its planned type (``uint8``, ``t.nbytes`` long)."""
+    x = load_tensor(plan, t)
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # [rows, cols]
+    out = quantize(x2, t.ggml_type)
+    del x, x2
+    return out.reshape(-1)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: bool = True) -> Path:
+    """Write the planned GGUF to ``out`` through a temporary file in the same folder.
+
+    Raises:
+        ConversionError: ``out`` exists and ``force`` is False, or the folder is not writable.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConversionError(f"{out.parent}: output folder does not exist")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    w = _build_writer(plan)
+    t0 = time.perf_counter()
+    try:
+        try:
+            w.write_header_to_file(path=tmp)
+        except OSError as e:
+            raise ConversionError(f"{out.parent}: cannot write the output ({e.strerror})") from None
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with _progress(plan.nbytes, progress) as bar:
+            for t in plan.tensors:
+                data = encode_tensor(plan, t)
+                w.write_tensor_data(data)
+                bar.update(data.nbytes)
+                del data
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        w.close()
+        if tmp.exists():
+            tmp.unlink()
+    log.info("wrote %s (%.1f MiB) in %.1f s", out, out.stat().st_size / 2**20, time.perf_counter() - t0)
+    return out
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: str = "Q8_0", *,
+            force: bool = False, policy: Policy = default_policy, progress: bool = False,
+            offline: bool | None = None) -> Path:
+    """Convert a checkpoint to GGUF (library entry point; the CLI is ``edgeinfer convert``).
+
+    Args:
+        src: checkpoint folder or hub repo id.
+        out: output file, or a folder (the llama.cpp-style default name is used inside), or None
+            (default name in the current folder).
+        qtype: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1.
+    Returns:
+        The path written.
+    """
+    plan = plan_conversion(src, qtype, policy, offline=offline)
+    if out is None:
+        out = Path.cwd() / default_output_name(plan)
+    else:
+        out = Path(out)
+        if out.is_dir():
+            out = out / default_output_name(plan)
+    return write_gguf(plan, out, force=force, progress=progress)

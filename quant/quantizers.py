@@ -1,0 +1,236 @@
+"""Vectorized GGML encoders (torch) and the quant-type registry.
+
+Every encoder maps a float32 matrix ``x: [rows, cols]`` to the bytes ggml stores for it,
+``uint8 [rows, cols // block_size * type_size]``, byte-identical to ggml's reference
+quantization (``quantize_row_*_ref`` in ``ggml/src/ggml-quants.c``, which is what
+``llama_model_quantize`` runs when no importance matrix is given). The oracles in the tests are the
+``gguf`` package's numpy quantizers and ``llama_cpp.llama_model_quantize``.
+
+Torch is used (not numpy) so that encoding uses every intra-op thread (``torch.set_num_threads``)
+and so the same code runs on CPU and GPU. Rows are processed in chunks (``CHUNK_ELEMENTS``) so the
+temporaries stay bounded whatever the tensor size.
+
+Other quant types (the K-quants in ``kquants.py``) plug in through :func:`register_encoder`; the
+per-tensor type decision lives in ``policy.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+# An encoder: float32 [rows, cols] (cols % block_size == 0) -> uint8 [rows, cols/bs*ts] (torch or numpy).
+EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi floats (16 MiB) per encoding step
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """A registered GGML tensor type: its block geometry and its encoder."""
+
+    ggml_type: T
+    encode: EncodeFn
+    block_size: int
+    type_size: int
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def row_bytes(self, cols: int) -> int:
+        """Bytes of one encoded row of ``cols`` values (cols must be a multiple of block_size)."""
+        return cols // self.block_size * self.type_size
+
+
+REGISTRY: dict[T, QuantType] = {}
+
+
+def register_encoder(ggml_type: T, encode: EncodeFn) -> QuantType:
+    """Register (or replace) the encoder of ``ggml_type``; block geometry comes from ``gguf``.
+
+    Args:
+        ggml_type: the GGML type the encoder produces.
+        encode: ``f(x: float32 tensor [rows, cols]) -> uint8 [rows, row_bytes]`` (torch or numpy).
+    Returns:
+        The registered :class:`QuantType`.
+    """
+    bs, ts = GGML_QUANT_SIZES[ggml_type]
+    qt = QuantType(ggml_type, encode, bs, ts)
+    REGISTRY[ggml_type] = qt
+    return qt
+
+
+def get_quant_type(ggml_type: T) -> QuantType:
+    """The registered :class:`QuantType` for ``ggml_type`` (KeyError if none is registered)."""
+    return REGISTRY[ggml_type]
+
+
+def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None = None) -> np.ndarray:
+    """Encode a float matrix with the registered encoder, in row chunks.
+
+    Args:
+        x: ``[rows, cols]`` (or 1-D ``[cols]``) values; converted to float32.
+        ggml_type: target type; ``cols`` must be divisible by its block size.
+        out: optional preallocated ``uint8 [rows, row_bytes]`` buffer.
+    Returns:
+        ``uint8 [rows, row_bytes]`` numpy array (``[row_bytes]`` for 1-D input).
+    Raises:
+        ValueError: if ``cols`` is not a multiple of the block size.
+    """
+    qt = REGISTRY[ggml_type]
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    one_d = x.ndim == 1
+    x2 = x.reshape(1, -1) if one_d else x.reshape(-1, x.shape[-1])
+    rows, cols = x2.shape
+    if cols % qt.block_size:
+        raise ValueError(f"{qt.name}: row length {cols} is not a multiple of the block size {qt.block_size}")
+    rb = qt.row_bytes(cols)
+    if out is None:
+        out = np.empty((rows, rb), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        chunk = x2[r0:r0 + step].to(torch.float32).contiguous()  # [r, cols]
+        enc = qt.encode(chunk)
+        if isinstance(enc, torch.Tensor):
+            enc = enc.cpu().numpy()
+        out[r0:r0 + chunk.shape[0]] = np.asarray(enc, dtype=np.uint8).reshape(chunk.shape[0], rb)
+    return out.reshape(rb) if one_d else out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero), exactly: ``floor(a + 0.5)`` can round 0.49999997 up."""
+    a = x.abs()
+    f = a.floor()
+    return torch.copysign(f + (2 * (a - f)).floor(), x)
+
+
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 1] -> uint8 [n, 2]: ``GGML_FP32_TO_FP16`` (round to nearest even), little endian."""
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(v.shape[0], 2)
+
+
+def _u32_bytes(v: torch.Tensor) -> torch.Tensor:
+    """int64 [n] holding uint32 values -> uint8 [n, 4] little endian."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=v.device)
+    return ((v.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """``id = d ? 1.0f/d : 0.0f`` as in ggml."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 32] -> uint8 [n, 16]: element j in the low nibble, element j+16 in the high one."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 32] 5-bit values -> uint8 [n, 4]: bit 4 of element k at bit k of a uint32 (``qh``)."""
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=q.device),
+                                       torch.arange(32, dtype=torch.int64, device=q.device))
+    qh = (((q.to(torch.int64) >> 4) & 1) * weights).sum(dim=1)  # [n]
+    return _u32_bytes(qh)
+
+
+def _blocks(x: torch.Tensor, bs: int = 32) -> torch.Tensor:
+    return x.reshape(-1, bs)  # [n_blocks, bs]
+
+
+# --------------------------------------------------------------------------- float types
+
+
+def encode_f32(x: torch.Tensor) -> torch.Tensor:
+    """F32: the values as stored."""
+    return x.to(torch.float32).contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+
+
+def encode_f16(x: torch.Tensor) -> torch.Tensor:
+    """F16: round to nearest even (``ggml_fp32_to_fp16``)."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+
+
+def encode_bf16(x: torch.Tensor) -> torch.Tensor:
+    """BF16 as ``ggml_compute_fp32_to_bf16`` (ggml-impl.h): NaN forced quiet, round to nearest even."""
+    n = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    is_nan = (n & 0x7FFFFFFF) > 0x7F800000
+    rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
+    quiet = ((n >> 16) | 64)
+    h = torch.where(is_nan, quiet, rounded) & 0xFFFF  # [rows, cols] uint16 values
+    return torch.stack([(h & 0xFF), (h >> 8)], dim=-1).to(torch.uint8).reshape(x.shape[0], -1)  # little endian
+
+
+# --------------------------------------------------------------------------- block types (QK = 32)
+
+
+def encode_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 (``quantize_row_q8_0_ref``): d = amax/127 as fp16, qs = roundf(x/d) int8. 34 B / 32."""
+    rows = x.shape[0]
+    b = _blocks(x)  # [n, 32]
+    d = b.abs().amax(dim=1, keepdim=True) / 127  # [n, 1]
+    qs = _roundf(b * _inverse(d)).to(torch.int8).view(torch.uint8)  # [n, 32]
+    return torch.cat([_fp16_bytes(d), qs], dim=1).reshape(rows, -1)
+
+
+def _signed_max(b: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude in each block (first one on ties, like ggml's loop)."""
+    idx = b.abs().argmax(dim=1, keepdim=True)
+    return b.gather(1, idx)  # [n, 1]
+
+
+def encode_q4_0(x: torch.Tensor) -> torch.Tensor:
+    """Q4_0 (``quantize_row_q4_0_ref``): d = max/-8, q = min(15, trunc(x/d + 8.5)). 18 B / 32."""
+    rows = x.shape[0]
+    b = _blocks(x)
+    d = _signed_max(b) / -8
+    q = (b * _inverse(d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+
+
+def encode_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """Q4_1 (``quantize_row_q4_1_ref``): d = (max-min)/15, m = min, q = trunc((x-m)/d + 0.5). 20 B / 32."""
+    rows = x.shape[0]
+    b = _blocks(x)
+    mn = b.amin(dim=1, keepdim=True)
+    mx = b.amax(dim=1, keepdim=True)
+    d = (mx - mn) / 15
+    q = ((b - mn) * _inverse(d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+
+
+def encode_q5_0(x: torch.Tensor) -> torch.Tensor:
+    """Q5_0 (``quantize_row_q5_0_ref``): d = max/-16, q = min(31, trunc(x/d + 16.5)). 22 B / 32."""
+    rows = x.shape[0]
+    b = _blocks(x)
+    d = _signed_max(b) / -16
+    q = (b * _inverse(d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+
+
+def encode_q5_1(x: torch.Tensor) -> torch.Tensor:
+    """Q5_1 (``quantize_row_q5_1_ref``): d = (max-min)/31, m = min, q = trunc((x-m)/d + 0.5). 24 B / 32."""
+    rows = x.shape[0]
+    b = _blocks(x)
+    mn = b.amin(dim=1, keepdim=True)
+    mx = b.amax(dim=1, keepdim=True)
+    d = (mx - mn) / 31
+    q = ((b - mn) * _inverse(d) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+
+
+for _t, _fn in ((T.F32, encode_f32), (T.F16, encode_f16), (T.BF16, encode_bf16), (T.Q8_0, encode_q8_0),
+                (T.Q4_0, encode_q4_0), (T.Q4_1, encode_q4_1), (T.Q5_0, encode_q5_0), (T.Q5_1, encode_q5_1)):
+    register_encoder(_t, _fn)

@@ -1,0 +1,161 @@
+"""Tiny, seeded, random Hugging Face checkpoints for tests (built offline with transformers).
+
+Usage::
+
+    import _tiny_models
+    folder = _tiny_models.make_tiny_checkpoint("llama", tmp_path / "llama")  # -> Path
+    # folder holds config.json, model.safetensors (or shards + index), tokenizer files,
+    # generation_config.json: a complete HF checkpoint that `edgeinfer convert` accepts.
+
+Architectures: see :data:`TINY_CONFIGS` (llama with llama3 rope scaling, mistral, qwen2 with q/k/v
+biases, qwen3 with q/k norms and head_dim != hidden/heads, gemma3 text with a sliding window of 4
+tokens, a global layer, query_pre_attn_scalar != head_dim and final logit soft-capping). Sizes are
+small but odd-ish (GQA, several head sizes) and every row length is a multiple of 32, so block
+quantization applies to every matrix. Norm weights are randomized too, so fix-ups such as gemma's
+``1 + w`` are actually tested.
+
+Tokenizers are trained offline on a fixed text: a byte-level BPE ``tokenizer.json`` (llama, mistral,
+qwen) or a byte-fallback SentencePiece ``tokenizer.model`` (gemma3; or any arch with
+``tokenizer="spm"``). Both are deterministic for a given text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TINY_VOCAB = 320
+
+_COMMON = dict(vocab_size=TINY_VOCAB, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.08)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=1, sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                   query_pre_attn_scalar=48, final_logit_softcapping=30.0, tie_word_embeddings=True,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
+DEFAULT_TOKENIZER = {"llama": "bpe", "mistral": "bpe", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm"}
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A tiny model learns nothing, but its tokenizer
+still splits words into pieces: hello world, hello there, the weather is nice today.
+def add(a, b):\n    return a + b\nprint(add(1, 2))  # 3
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and accents: café, naïve, résumé, über, niño.
+Questions? Answers! Lists: one, two, three; quotes "like this" and 'this'.
+"""
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _corpus(repeat: int = 30) -> str:
+    return _CORPUS * repeat
+
+
+def make_bpe_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB) -> int:
+    """Train a byte-level BPE tokenizer offline and save tokenizer.json + tokenizer_config.json.
+
+    Returns the number of tokens (<= vocab_size).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus().splitlines(), trainer=trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+           "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+           "model_max_length": 512, "chat_template": CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return tok.get_vocab_size()
+
+
+def make_spm_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB) -> int:
+    """Train a byte-fallback SentencePiece BPE model (Gemma ids: pad 0, eos 1, bos 2, unk 3)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus().splitlines()), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True)
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "chat_template": CHAT_TEMPLATE.replace(
+               "<|im_start|>", "<start_of_turn>").replace("<|im_end|>", "<end_of_turn>")}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    return sp.vocab_size()
+
+
+def tiny_config(arch: str, **overrides):
+    """The transformers config object for ``arch`` (see :data:`TINY_CONFIGS`)."""
+    from transformers import AutoConfig
+
+    kw = {**_COMMON, **TINY_CONFIGS[arch], **overrides}
+    model_type = kw.pop("model_type")
+    if arch == "gemma3":
+        kw.update(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    else:
+        kw.update(bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_tiny_checkpoint(arch: str, out_dir, dtype=None, *, seed: int = 0, tokenizer: str | None = None,
+                         max_shard_size: str | None = None, **config_overrides) -> Path:
+    """Build and save a tiny random checkpoint.
+
+    Args:
+        arch: a key of :data:`TINY_CONFIGS` (llama, mistral, qwen2, qwen3, gemma3).
+        out_dir: folder to create (parents too).
+        dtype: torch dtype of the saved weights (default float32; bfloat16/float16 work).
+        seed: torch seed for the weights.
+        tokenizer: "bpe" or "spm" (default per arch, see :data:`DEFAULT_TOKENIZER`).
+        max_shard_size: e.g. "100KB" to save sharded safetensors with an index.
+        config_overrides: extra config fields.
+    Returns:
+        ``Path(out_dir)``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = tokenizer or DEFAULT_TOKENIZER[arch]
+    n_tok = make_spm_tokenizer(out) if kind == "spm" else make_bpe_tokenizer(out)
+    assert n_tok <= TINY_VOCAB, n_tok
+    cfg = tiny_config(arch, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms (and biases): random, not all-ones, so fix-ups show
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (0.0 if arch == "gemma3" or "bias" in name else 1.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    model = model.to(dtype or torch.float32)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kw)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    return out
