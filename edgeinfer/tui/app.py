@@ -366,6 +366,9 @@ class ChatApp(App):
     def _switch_to(self, conv: Conversation) -> None:
         if self.generating:
             self.action_stop()
+        old = self.conv
+        if old is not None and old.id != conv.id and old.title == NEW_TITLE and not self.store.messages(old.id):
+            self.store.delete_conversation(old.id)  # leave no empty "New chat" behind
         self.conv = conv
         self._show_conversation()
         if self.host.key != (conv.model, conv.backend):

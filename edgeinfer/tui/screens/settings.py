@@ -88,7 +88,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                 for key, label, _ in PARAM_FIELDS:
                     v = c.params.get(key)
                     yield Label(label, classes="field-label")
-                    yield Input("" if v is None else str(v), id=f"p-{key}", compact=True)
+                    yield Input("" if v is None else str(v), id=f"p-{key}", compact=True,
+                                placeholder="load seed" if key == "seed" else "")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", id="save", variant="primary", compact=True)
                 yield Button("Pick model (ctrl+o)", id="pick", compact=True)

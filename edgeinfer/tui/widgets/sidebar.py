@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.text import Text
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, OptionList
@@ -40,11 +39,16 @@ class Sidebar(Vertical):
         """Replace the list; highlight the current conversation."""
         ol = self.option_list
         ol.clear_options()
-        ol.add_options([Option(Text(c.title or "(untitled)", no_wrap=True, overflow="ellipsis"), id=str(c.id))
-                        for c in conversations])
+        width = max(self.content_size.width - 2, 8) if self.content_size.width else 19
+        ol.add_options([Option(self._short(c.title or "(untitled)", width), id=str(c.id)) for c in conversations])
         ids = [c.id for c in conversations]
         if current_id in ids:
             ol.highlighted = ids.index(current_id)
+
+    @staticmethod
+    def _short(title: str, width: int) -> str:
+        title = " ".join(title.split())
+        return title if len(title) <= width else title[: width - 1] + "…"
 
     def highlighted_id(self) -> int | None:
         ol = self.option_list

@@ -8,8 +8,8 @@ from textual.widgets import Static
 
 
 def fmt_bytes(n: int) -> str:
-    """``123456789`` -> ``'118 MiB'`` (GiB above 10 GiB)."""
-    if n >= 10 * 2**30:
+    """``123456789`` -> ``'118 MiB'`` (GiB from 1 GiB)."""
+    if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.0f} MiB"
 
