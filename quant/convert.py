@@ -149,7 +149,7 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         kind, bid = _kind_of(gname, n_layers)
         tin = TensorPlanInput(gname, shape, kind, bid, n_layers, base_type, tied_output=not has_output)
         decision = policy(tin)
-        if decision.ggml_type not in REGISTRY:
+        if decision.ggml_type not in REGISTRY and decision.encoder is None:
             raise ConversionError(f"{gname}: no encoder for type {decision.ggml_type.name} is available")
         plan.tensors.append(PlannedTensor(gname, shape, decision, ref, kind, make))
 
@@ -205,6 +205,13 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
             missing = sorted(first - seen_blocks.get(b, set())) or ["all tensors"]
             raise ConversionError(f"{ck.path}: layer {b} is missing {', '.join(missing)}; the checkpoint is "
                                   f"incomplete (a missing shard?)")
+    # A canonical order (embeddings, layers in order, output), independent of how the checkpoint is sharded.
+    def order(t: PlannedTensor):
+        bid = _kind_of(t.gguf_name, n_layers)[1]
+        head = t.kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.ROPE_FREQS)
+        return (-1 if head else bid if bid is not None else n_layers, t.gguf_name)
+
+    plan.tensors.sort(key=order)
     if not any(t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD for t in plan.tensors):
         raise ConversionError(f"{ck.path}: no token embedding tensor found; the checkpoint is incomplete")
     return plan
@@ -264,7 +271,10 @@ def encode_tensor(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray:
     """Bytes of one tensor in its planned type (``uint8``, ``t.nbytes`` long)."""
     x = load_tensor(plan, t)
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # [rows, cols]
-    out = quantize(x2, t.ggml_type)
+    if t.decision.encoder is not None:
+        out = np.asarray(t.decision.encoder(x2.contiguous()), dtype=np.uint8)
+    else:
+        out = quantize(x2, t.ggml_type)
     del x, x2
     return out.reshape(-1)
 

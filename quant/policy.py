@@ -55,8 +55,11 @@ class TensorPlanInput:
 
 @dataclass(frozen=True)
 class TypeDecision:
+    """The type chosen for one tensor; a recipe may also attach its own encoder (e.g. imatrix-weighted)."""
+
     ggml_type: T
     reason: str = ""  # empty when the requested type applies as is
+    encoder: Callable | None = None  # overrides the registry's encoder for this tensor only
 
 
 Policy = Callable[[TensorPlanInput], TypeDecision]

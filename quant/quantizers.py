@@ -234,3 +234,18 @@ def encode_q5_1(x: torch.Tensor) -> torch.Tensor:
 for _t, _fn in ((T.F32, encode_f32), (T.F16, encode_f16), (T.BF16, encode_bf16), (T.Q8_0, encode_q8_0),
                 (T.Q4_0, encode_q4_0), (T.Q4_1, encode_q4_1), (T.Q5_0, encode_q5_0), (T.Q5_1, encode_q5_1)):
     register_encoder(_t, _fn)
+
+
+def _register_kquants() -> None:
+    """Plug in the K-quant encoders of ``kquants.py`` (numpy, multi-threaded) when present."""
+    try:
+        from edgeinfer.quant import kquants
+    except ImportError:  # the K-quant module is optional for this pipeline
+        return
+    for kt in getattr(kquants, "K_TYPES", ()):
+        if kt not in REGISTRY:
+            register_encoder(kt, lambda x, _kt=kt: kquants.quantize_k(
+                np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32), _kt, n_threads=torch.get_num_threads()))
+
+
+_register_kquants()

@@ -62,3 +62,12 @@ def cli_env(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), EDGEINFER_MODELS_DIR=str(tmp_path / "models"),
                PYTHONUNBUFFERED="1")
     return env
+
+
+# --- convert (issue 3): the default model exported as a real Hugging Face checkpoint, once per session
+@pytest.fixture(scope="session")
+def hf_default_checkpoint(tmp_path_factory) -> Path:
+    """The default GGUF turned into an HF checkpoint folder (safetensors + tokenizer) by transformers."""
+    import _hf_export
+
+    return _hf_export.export_default_checkpoint(tmp_path_factory.mktemp("hf_default") / "SmolLM2-135M-Instruct")
