@@ -1,0 +1,205 @@
+"""The torch backend: edgeinfer's own PyTorch engine behind the :class:`~edgeinfer.backend.Backend` Protocol.
+
+Loading memory-maps the GGUF and keeps the weights quantized (:mod:`edgeinfer.engine.loader`);
+tokenization is llama.cpp's own (llama-cpp-python with ``vocab_only=True``, after the GGUF was
+validated in Python), chat templates and BOS handling come from
+:class:`~edgeinfer.backends.common.PromptBuilder`, and the text stream, stop strings and timings
+from :func:`edgeinfer.generation.stream_events` -- all shared with the llama.cpp backend, so both
+backends turn the same tokens into the same text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
+from edgeinfer.backends.common import PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.engine.loader import load_model, pick_device
+from edgeinfer.errors import BackendError
+from edgeinfer.generation import stream_events
+from edgeinfer.gguf_check import validate_gguf
+from edgeinfer.sampling import Sampler
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (0 where the OS does not say)."""
+    try:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (AttributeError, OSError):
+        return 0
+    return r if sys.platform == "darwin" else r * 1024
+
+
+class TorchBackend:
+    """A GGUF loaded in edgeinfer's PyTorch engine. Implements :class:`edgeinfer.backend.Backend`."""
+
+    name = "torch"
+
+    def __init__(self, path: str | os.PathLike, opts: LoadOptions | None = None):
+        opts = opts or LoadOptions()
+        self.path = Path(path)
+        self.header = validate_gguf(self.path)  # raises InvalidModelError before native code
+        self.device = pick_device(opts.device)
+        self.n_threads = opts.n_threads or default_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.n_threads)
+        n_ctx_train = int(self.header.arch_key("{arch}.context_length", 0) or 0)
+        n_ctx = opts.n_ctx or min(n_ctx_train or 4096, 8192)
+        if n_ctx_train:
+            n_ctx = min(n_ctx, n_ctx_train)
+        self.n_ctx = n_ctx
+        t0 = time.perf_counter()
+        self.model, self.report = load_model(self.path, self.device, n_ctx, self.header)
+        import llama_cpp
+
+        self._lc = llama_cpp
+        try:
+            self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: llama.cpp could not load the vocabulary ({e})") from None
+        self.load_s = time.perf_counter() - t0
+        self._vocab = self._vocab_llm._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        self.seed = opts.seed
+        self._cancel = threading.Event()
+        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._reuse_prefix = not any(layer.attn.cache.ring for layer in self.model.layers)
+        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
+
+    # -- tokenizer (llama.cpp's) ---------------------------------------------------------------
+    def _token_text(self, tok: int) -> str:
+        return self.piece(tok).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._vocab_llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+    def piece(self, tok: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered), cached."""
+        b = self._pieces.get(tok)
+        if b is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lc.llama_token_to_piece(self._vocab, tok, buf, size, 0, True)
+                if n >= 0:
+                    b = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[tok] = b
+        return b
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
+
+    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self.prompts.template.render(messages, add_generation_prompt)
+
+    # -- info ----------------------------------------------------------------------------------
+    def device_label(self) -> str:
+        """e.g. ``cpu (2 threads)``, ``cuda:0 (NVIDIA GeForce RTX 4090)``, ``mps``."""
+        if self.device.type == "cpu":
+            return f"cpu ({torch.get_num_threads()} threads)"
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return self.device.type
+
+    def info(self) -> ModelInfo:
+        h = self.header
+        return ModelInfo(
+            path=str(self.path),
+            name=str(h.metadata.get("general.name") or self.path.stem),
+            architecture=h.architecture,
+            backend=self.name,
+            device=self.device_label(),
+            n_ctx=self.n_ctx,
+            n_ctx_train=int(h.arch_key("{arch}.context_length", 0) or 0),
+            quant=quant_label(h),
+            load_s=self.load_s,
+            has_chat_template=not self.prompts.template.is_fallback,
+            extra={"threads": self.n_threads, "kernels": dict(self.report.paths),
+                   "weight_bytes": self.report.weight_bytes},
+        )
+
+    def memory_bytes(self) -> dict:
+        dev, peak = 0, _peak_rss()
+        if self.device.type == "cuda":
+            dev, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
+        elif self.device.type == "mps":
+            dev = torch.mps.current_allocated_memory()
+        return {"rss": process_memory(), "device": dev, "peak": peak}
+
+    # -- generation ----------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits for every position: [len(tokens), vocab] float32 (CPU)."""
+        if len(tokens) > self.n_ctx:
+            raise BackendError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        self._cached = []
+        out = self.model(torch.tensor([list(tokens)], device=self.device), 0)
+        return out[0].float().cpu()
+
+    def _token_stream(self, tokens: list[int], sampler: Sampler) -> Iterator[int]:
+        start = 0
+        if self._reuse_prefix:
+            while start < min(len(self._cached), len(tokens) - 1) and self._cached[start] == tokens[start]:
+                start += 1
+        self._cached = tokens[:start]
+        history = list(tokens)
+        logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
+        self._cached = list(tokens)
+        pos = len(tokens)
+        while True:
+            tok = sampler(logits, history)
+            yield tok
+            history.append(tok)
+            if pos >= self.n_ctx:
+                return
+            logits = self.model(torch.tensor([[tok]], device=self.device), pos, last_only=True)[0, -1]
+            self._cached.append(tok)
+            pos += 1
+
+    def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        self._cancel.clear()
+        text, add_special = self.prompts.prompt_text(prompt)
+        tokens = self.tokenize(text, add_special=add_special)
+        if not tokens:
+            raise BackendError("the prompt is empty after tokenization; give some text")
+        if len(tokens) >= self.n_ctx:
+            raise BackendError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                               "raise --ctx or shorten the prompt")
+        sampler = Sampler(params, self.seed if params.seed is None else params.seed)
+        gen = self._token_stream(tokens, sampler)
+        try:
+            yield from stream_events(
+                gen,
+                piece=self.piece,
+                is_eog=self.is_eog,
+                params=params,
+                prompt_tokens=len(tokens),
+                n_ctx_left=self.n_ctx - len(tokens),
+                cancelled=self._cancel.is_set,
+                t_start=t0,
+            )
+        finally:
+            gen.close()
+
+    def close(self) -> None:
+        if getattr(self, "_vocab_llm", None) is not None:
+            self._vocab_llm.close()
+            self._vocab_llm = None
+        self.model = None

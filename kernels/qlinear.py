@@ -1,0 +1,123 @@
+"""Quantized linear and embedding layers: GGML blocks in, the best kernel per device.
+
+A :class:`QuantLinear` replaces an ``nn.Linear`` of a model built on ``meta``; which kernel it
+uses is decided by the tensor's GGML type and the device, never by the model:
+
+======  =========================================================  ===============================
+device  fast path                                                  fallback
+======  =========================================================  ===============================
+cuda    Triton fused dequant+GEMV (decode) / tiled matmul (prefill)  bounded dequant + fp16 matmul
+mps     bounded dequant (torch ops) + fp16 matmul                    (same)
+cpu     torch packed int4 / int8 kernels (:mod:`cpu_packed`)         bounded dequant + fp32 matmul
+======  =========================================================  ===============================
+
+F32/F16/BF16 weights are plain float tensors (they are not quantized). The raw uint8 blocks of a
+memory-mapped GGUF stay mapped on CPU until a path needs them elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gguf
+import torch
+from torch import nn
+
+from edgeinfer.kernels import cpu_packed
+from edgeinfer.kernels.dequant import dequantize
+
+T = gguf.GGMLQuantizationType
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+log = logging.getLogger(__name__)
+
+
+def _triton_types() -> tuple:
+    from edgeinfer.kernels import triton_qmm
+
+    return triton_qmm.SUPPORTED
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T (+ b)`` with ``W`` [N, K] kept in its GGML block format.
+
+    Args:
+        raw: uint8 [N, row_bytes] (or a float [N, K] tensor for F32/F16/BF16 files).
+        qtype: GGML type of ``raw``.
+        n, k: output / input features.
+        bias: optional float32 [N].
+        device: where the layer runs.
+        name: tensor name, for error messages and the load report.
+    """
+
+    def __init__(self, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu", name: str = ""):
+        super().__init__()
+        self.qtype, self.in_features, self.out_features, self.name = T(qtype), k, n, name
+        self.device = torch.device(device)
+        self.bias = None if bias is None else bias.to(self.device, torch.float32)
+        self.packed = None
+        self.weight = None
+        self.raw = None
+        dev = self.device.type
+        if self.qtype in FLOAT_TYPES:
+            w = dequantize(raw, self.qtype) if raw.dtype == torch.uint8 else raw
+            dt = torch.float32 if dev == "cpu" else torch.float16
+            self.weight = w.reshape(n, k).to(self.device, dt)
+            self.path = "dense"
+        elif dev == "cpu" and self.qtype in cpu_packed.PACKED_TYPES and cpu_packed.has_int4pack():
+            self.packed = cpu_packed.PackedCPU(raw, self.qtype, n, k)
+            self.path = "cpu-packed"
+        elif dev == "cuda" and self.qtype in _triton_types():
+            self.raw = raw.to(self.device)
+            self.path = "triton"
+        else:
+            self.raw = raw.to(self.device)
+            self.path = "dequant"
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, {self.qtype.name}, path={self.path}"
+
+    def nbytes(self) -> int:
+        """Bytes this layer's weights occupy on its device."""
+        if self.packed is not None:
+            return self.packed.nbytes()
+        t = self.weight if self.weight is not None else self.raw
+        return t.numel() * t.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N] float32."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.path == "cpu-packed":
+            y = self.packed.matmul(x2)
+        elif self.path == "dense":
+            y = torch.nn.functional.linear(x2.to(self.weight.dtype), self.weight).float()
+        elif self.path == "triton":
+            from edgeinfer.kernels import triton_qmm
+
+            y = triton_qmm.qmatmul(x2, self.raw, self.qtype, self.out_features)
+        else:
+            cdt = torch.float32 if self.device.type == "cpu" else torch.float16
+            y = cpu_packed.dequant_linear(x2, self.raw, self.qtype, self.out_features, cdt).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding looked up from GGML blocks: only the requested rows are dequantized.
+
+    Args:
+        raw: uint8 [V, row_bytes] (memory-mapped; stays on CPU unless the device needs it).
+        qtype: GGML type; dim: embedding width.
+    """
+
+    def __init__(self, raw: torch.Tensor, qtype: T, dim: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.qtype, self.dim, self.device = T(qtype), dim, torch.device(device)
+        self.raw = raw if self.device.type == "cpu" else raw.to(self.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, S] int64 -> [B, S, D] float32."""
+        rows = self.raw[ids.to(self.raw.device).reshape(-1)]
+        return dequantize(rows, self.qtype).reshape(*ids.shape, self.dim).to(self.device)
