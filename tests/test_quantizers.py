@@ -1,0 +1,144 @@
+"""Quantizer bit-exactness: edgeinfer's torch encoders vs the gguf package and vs llama.cpp itself.
+
+Oracles: ``gguf.quants.quantize`` (numpy reference of ggml's ``quantize_row_*_ref``) on random and
+real tensors, and ``llama_cpp.llama_model_quantize`` (ggml's C code) on whole converted models,
+where the per-tensor type choice of our policy is checked at the same time. Every test prints the
+number of differing blocks it found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+import _tiny_models
+from edgeinfer.quant.quantizers import REGISTRY, quantize
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1]
+
+
+def hard_tensor(rows: int = 96, cols: int = 256, seed: int = 0) -> np.ndarray:
+    """Random rows of mixed scale plus the corner cases of block quantizers."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(1e-3, 10, (rows, 1)).astype(np.float32)
+    x[0, :32] = 0.0  # all-zero block: d = 0, id = 0
+    x[1, :32] = 1.5  # constant block: max - min = 0
+    x[2, :32] = -3.0
+    x[3, 0], x[3, 1] = 2.0, -2.0  # |max| tie: the first one wins
+    x[4, :32] = rng.integers(-8, 8, 32)  # values that land exactly on .5 boundaries after scaling
+    x[5, :32] = np.float32(1e-40)  # denormals
+    x[6, :32] = rng.standard_normal(32) * 6e4  # near the fp16 range
+    x[7] = x[7] * 1e-6
+    x[8, :32] = np.linspace(-1, 1, 32)
+    x[9, 5] = 1e4  # one outlier
+    return x
+
+
+def diff_blocks(a: np.ndarray, b: np.ndarray, qtype: T) -> int:
+    ts = gguf.GGML_QUANT_SIZES[qtype][1]
+    return int((a.reshape(-1, ts) != b.reshape(-1, ts)).any(axis=1).sum())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_random_tensors_match_gguf_reference(qtype):
+    for seed in range(3):
+        x = hard_tensor(seed=seed)
+        ours = quantize(torch.from_numpy(x), qtype)
+        ref = gguf.quants.quantize(x, qtype).view(np.uint8).reshape(ours.shape)
+        bad = diff_blocks(ours, ref, qtype)
+        print(f"{qtype.name} seed {seed}: {bad} of {ours.size // gguf.GGML_QUANT_SIZES[qtype][1]} blocks differ")
+        assert bad == 0
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_real_tensors_match_gguf_reference(default_gguf, qtype):
+    """Weights of the default model (dequantized from its GGUF) re-quantized both ways."""
+    reader = gguf.GGUFReader(str(default_gguf))
+    wanted = {"token_embd.weight", "blk.0.attn_q.weight", "blk.7.ffn_down.weight"}
+    seen = 0
+    for t in reader.tensors:
+        if t.name not in wanted:
+            continue
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))[:2048]
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        ours = quantize(torch.from_numpy(w), qtype)
+        ref = gguf.quants.quantize(w, qtype).view(np.uint8).reshape(ours.shape)
+        bad = diff_blocks(ours, ref, qtype)
+        print(f"{qtype.name} {t.name} {w.shape}: {bad} differing blocks")
+        assert bad == 0
+        seen += 1
+    assert seen == len(wanted)
+
+
+def test_registry_geometry_and_chunking():
+    """Every registered type encodes to its declared block size, also across chunk boundaries."""
+    import edgeinfer.quant.quantizers as Q
+
+    x = torch.from_numpy(hard_tensor(rows=200, cols=64))
+    old = Q.CHUNK_ELEMENTS
+    try:
+        Q.CHUNK_ELEMENTS = 64 * 7  # 7 rows per chunk: the last chunk is partial
+        chunked = {t: quantize(x, t) for t in TYPES}
+    finally:
+        Q.CHUNK_ELEMENTS = old
+    for t in TYPES:
+        whole = quantize(x, t)
+        qt = REGISTRY[t]
+        assert whole.shape == (200, qt.row_bytes(64))
+        assert np.array_equal(whole, chunked[t]), t.name
+    with pytest.raises(ValueError, match="not a multiple"):
+        quantize(torch.zeros(2, 48), T.Q4_0)
+
+
+def _llama_quantize(src, dst, ftype: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+
+
+def _tensors(path) -> dict[str, tuple[T, np.ndarray]]:
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (T(t.tensor_type), np.asarray(t.data).view(np.uint8).reshape(-1).copy()) for t in r.tensors}
+
+
+def compare_with_llama_quantize(folder, tmp_path, qtypes) -> None:
+    """Convert with edgeinfer to each qtype, and to F32 then llama_model_quantize: same types, same bytes."""
+    from edgeinfer.quant.convert import convert
+
+    f32 = convert(folder, tmp_path / "f32.gguf", "F32")
+    failures = []
+    for q in qtypes:
+        ours = _tensors(convert(folder, tmp_path / f"ours-{q}.gguf", q))
+        _llama_quantize(f32, tmp_path / f"ref-{q}.gguf", int(gguf.LlamaFileType[f"MOSTLY_{q}"]))
+        ref = _tensors(tmp_path / f"ref-{q}.gguf")
+        assert set(ours) == set(ref)
+        type_diff = [n for n in ref if ours[n][0] != ref[n][0]]
+        byte_diff = [n for n in ref if ours[n][0] == ref[n][0] and not np.array_equal(ours[n][1], ref[n][1])]
+        kinds = sorted({t.name for t, _ in ref.values()})
+        print(f"{q}: {len(ref)} tensors ({', '.join(kinds)}): {len(type_diff)} type mismatches "
+              f"{[(n, ours[n][0].name, ref[n][0].name) for n in type_diff]}, {len(byte_diff)} byte mismatches {byte_diff}")
+        if type_diff or byte_diff:
+            failures.append(q)
+    assert not failures
+
+
+def test_converted_model_matches_llama_model_quantize(tmp_path):
+    """hidden 256: the output projection takes llama.cpp's Q6_K path for the 4/5-bit types."""
+    folder = _tiny_models.make_tiny_checkpoint("llama", tmp_path / "llama256", hidden_size=256,
+                                               intermediate_size=288, num_attention_heads=4, num_key_value_heads=2)
+    compare_with_llama_quantize(folder, tmp_path, ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+
+
+@pytest.mark.slow
+def test_real_model_matches_llama_model_quantize(hf_default_checkpoint, tmp_path):
+    """The exported SmolLM2 checkpoint: every tensor of every type byte-identical to llama.cpp's."""
+    compare_with_llama_quantize(hf_default_checkpoint, tmp_path, ["Q8_0", "Q4_0", "Q5_1"])
