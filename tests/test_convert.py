@@ -1,0 +1,242 @@
+"""``edgeinfer convert``: CLI behaviour, bad input, atomic output, streaming (bounded memory)."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import tracemalloc
+import weakref
+
+import gguf
+import pytest
+
+import _tiny_models
+from edgeinfer.cli import main as cli
+from edgeinfer.gguf_check import validate_gguf
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory):
+    return _tiny_models.make_tiny_checkpoint("llama", tmp_path_factory.mktemp("ck") / "tiny-llama")
+
+
+def copy_ckpt(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def no_output_left(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".gguf", ".partial") or ".partial" in p.name)
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_cli_converts_and_the_file_validates(llama_ckpt, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert cli(["convert", str(llama_ckpt), "-o", str(out), "--qtype", "q8_0", "--threads", "1"]) == 0
+    h = validate_gguf(out)
+    md = h.metadata
+    print("arch", h.architecture, "tensors", len(h.tensors), "pre", md.get("tokenizer.ggml.pre"))
+    assert h.architecture == "llama"
+    assert md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert md["llama.block_count"] == 2 and md["llama.attention.head_count_kv"] == 2
+    assert md["tokenizer.ggml.model"] == "gpt2"
+    assert md["tokenizer.chat_template"] == _tiny_models.CHAT_TEMPLATE
+    assert md["tokenizer.ggml.eos_token_id"] == 2
+    names = {t.name for t in h.tensors}
+    assert "rope_freqs.weight" in names and "output.weight" in names  # llama3 rope scaling, untied
+    assert "wrote" in capsys.readouterr().out
+    assert no_output_left(tmp_path) == ["m.gguf"]
+
+
+def test_default_output_name_like_llama_cpp(llama_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["convert", str(llama_ckpt), "--qtype", "Q4_1"]) == 0
+    files = no_output_left(tmp_path)
+    print("default name:", files)
+    assert len(files) == 1 and re.fullmatch(r"Tiny-Llama-\d+(\.\d+)?K-Q4_1\.gguf", files[0])
+
+
+def test_dry_run_prints_plan_and_writes_nothing(llama_ckpt, tmp_path, capsys):
+    out = tmp_path / "plan.gguf"
+    assert cli(["convert", str(llama_ckpt), "-o", str(out), "--qtype", "Q5_0", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    print(text[-400:])
+    assert "blk.1.ffn_down.weight" in text and "Q5_0" in text and "5.50" in text  # bits per weight
+    assert "F32" in text and "bits/weight" in text
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(llama_ckpt, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    assert cli(["convert", str(llama_ckpt), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "--force" in err and out.read_bytes() == b"keep me"
+    assert cli(["convert", str(llama_ckpt), "-o", str(out), "--force"]) == 0
+    assert validate_gguf(out).architecture == "llama"
+
+
+def test_interrupt_leaves_no_partial_file(llama_ckpt, tmp_path, monkeypatch):
+    import edgeinfer.quant.convert as conv
+
+    calls = {"n": 0}
+    real = conv.encode_tensor
+
+    def flaky(plan, t):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(plan, t)
+
+    monkeypatch.setattr(conv, "encode_tensor", flaky)
+    out = tmp_path / "m.gguf"
+    assert cli(["convert", str(llama_ckpt), "-o", str(out)]) == 130
+    print("files after Ctrl-C:", no_output_left(tmp_path))
+    assert no_output_left(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- bad input: exit 2, nothing written
+
+
+def _break(kind: str, folder):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    st = folder / "model.safetensors"
+    if kind == "missing config":
+        (folder / "config.json").unlink()
+    elif kind == "missing weights":
+        st.unlink()
+    elif kind == "pickle only":
+        torch.save(load_file(st), folder / "pytorch_model.bin")
+        st.unlink()
+    elif kind == "corrupt header":
+        data = bytearray(st.read_bytes())
+        data[8:40] = b"{not json at all" + b"!" * 16
+        st.write_bytes(bytes(data))
+    elif kind == "truncated":
+        st.write_bytes(st.read_bytes()[:-1000])
+    elif kind == "shape mismatch":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["intermediate_size"] = 128
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif kind == "unsupported dtype":
+        sd = load_file(st)
+        sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(torch.float64)
+        save_file(sd, st, metadata={"format": "pt"})
+    elif kind == "unknown architecture":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["architectures"], cfg["model_type"] = ["FalconForCausalLM"], "falcon"
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif kind == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif kind == "missing tensor":
+        sd = load_file(st)
+        del sd["model.layers.1.self_attn.k_proj.weight"]
+        save_file(sd, st, metadata={"format": "pt"})
+    else:
+        raise AssertionError(kind)
+
+
+ERRORS = {
+    "missing config": "config.json", "missing weights": "safetensors", "pickle only": "pickle",
+    "corrupt header": "header", "truncated": "do not fit", "shape mismatch": "implies",
+    "unsupported dtype": "F64", "unknown architecture": "supported: llama", "no tokenizer": "tokenizer",
+    "missing tensor": "layer 1 is missing",
+}
+
+
+@pytest.mark.parametrize("kind", list(ERRORS))
+def test_bad_input_clear_error_exit_2(llama_ckpt, tmp_path, capsys, kind):
+    folder = copy_ckpt(llama_ckpt, tmp_path / "broken")
+    _break(kind, folder)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rc = cli(["convert", str(folder), "-o", str(out_dir / "x.gguf")])
+    err = capsys.readouterr().err.strip()
+    print(f"{kind}: rc={rc} {err}")
+    assert rc == 2
+    assert err.startswith("edgeinfer: error:") and "\n" not in err
+    assert ERRORS[kind] in err
+    assert no_output_left(out_dir) == []
+
+
+def test_missing_shard(tmp_path, capsys):
+    folder = _tiny_models.make_tiny_checkpoint("qwen3", tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    shards[1].unlink()
+    rc = cli(["convert", str(folder), "-o", str(tmp_path / "x.gguf")])
+    err = capsys.readouterr().err
+    print(err)
+    assert rc == 2 and shards[1].name in err and "missing" in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hub_repo_id_offline_not_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rc = cli(["--offline", "convert", "someone/not-cached-model", "-o", str(tmp_path / "x.gguf")])
+    err = capsys.readouterr().err
+    print(err)
+    assert rc == 2 and "cache" in err
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Fails if the converter keeps tensors alive or allocates far more than one tensor.
+
+    12 layers of 256-wide llama: ~31 MB of float32 weights, the largest tensor 0.5 MB. We count
+    how many loaded source tensors are alive at once (weak references) and the peak of numpy's
+    traced allocations, which hold every loaded tensor and every encoded output.
+    """
+    from edgeinfer.quant import source
+    from edgeinfer.quant.convert import convert, plan_conversion
+
+    folder = _tiny_models.make_tiny_checkpoint("llama", tmp_path / "deep", hidden_size=256, intermediate_size=512,
+                                               num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=12)
+    plan = plan_conversion(folder, "F32")
+    total = sum(t.n_elements * 4 for t in plan.tensors)
+    largest = plan.largest_f32_bytes
+    alive, peak_alive = set(), [0]
+    real_load = source.TensorRef.load_f32
+
+    def tracked(self):
+        x = real_load(self)
+        key = id(x)
+        alive.add(key)
+        peak_alive[0] = max(peak_alive[0], len(alive))
+        weakref.finalize(x, alive.discard, key)
+        return x
+
+    monkeypatch.setattr(source.TensorRef, "load_f32", tracked)
+    tracemalloc.start()
+    try:
+        convert(folder, tmp_path / "deep.gguf", "F32")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"model {total / 2**20:.1f} MiB f32, largest tensor {largest / 2**20:.2f} MiB, "
+          f"peak traced {peak / 2**20:.2f} MiB, max source tensors alive {peak_alive[0]}")
+    assert peak_alive[0] <= 2
+    assert peak < 4 * largest + 4 * 2**20 < total / 3
+
+
+def test_safetensors_header_parser_rejects_overlapping_lengths(tmp_path):
+    from edgeinfer.errors import ConversionError
+    from edgeinfer.quant.source import read_safetensors_header
+
+    p = tmp_path / "x.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}).encode()
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with pytest.raises(ConversionError, match="do not fit"):
+        read_safetensors_header(p)
+    p.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ConversionError, match="header length"):
+        read_safetensors_header(p)
