@@ -505,8 +505,9 @@ _ENCODERS = {
 }
 K_TYPES = tuple(_ENCODERS)
 
-# blocks per work item: ~64K values keep every temporary inside a core's L2 cache
-_CHUNK_BLOCKS = 256
+# blocks per work item (~1 MB of float32): big enough that the per-call overhead of the
+# short per-group loops stays small, small enough to keep temporaries in cache
+_CHUNK_BLOCKS = 1024
 
 
 def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
