@@ -46,7 +46,10 @@ class Hparams:
 
 
 def write_f32_gguf(path: Path, tensors: dict[str, np.ndarray], hp: Hparams | None = None) -> Path:
-    """Write ``tensors`` (numpy shape [.., rows, cols], stored as GGUF ne = (cols, rows, ..)) as F32."""
+    """Write ``tensors`` (numpy shape [.., rows, cols], stored as GGUF ne = (cols, rows, ..)).
+
+    float16 arrays are stored as F16, everything else as F32.
+    """
     hp = hp or Hparams()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("oracle")
@@ -63,7 +66,8 @@ def write_f32_gguf(path: Path, tensors: dict[str, np.ndarray], hp: Hparams | Non
         w.add_expert_count(hp.n_expert)
         w.add_expert_used_count(hp.n_expert_used or 2)
     for name, arr in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        dtype = np.float16 if arr.dtype == np.float16 else np.float32      # F16 kept, the rest F32
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -134,3 +134,40 @@ def test_bad_input_is_refused():
         quantize_k(np.zeros((2, 512), dtype=np.float32), QT.Q4_K, np.ones(100, np.float32))
     with pytest.raises(KQuantError, match="not a K-quant"):
         quantize_k(np.zeros((2, 512), dtype=np.float32), QT.Q8_0)
+
+
+@pytest.mark.slow
+def test_default_model_q4_k_m_end_to_end(tmp_path, default_gguf):
+    """The whole default model (as F16) through llama.cpp's Q4_K_M vs recipes + quantize_k.
+
+    Every tensor's type must equal recipes.plan(); every K-quant tensor's bytes must equal
+    quantize_k on the same values (Q5_0/Q8_0 fallbacks are the converter's encoders).
+    """
+    from edgeinfer.quant.recipes import RecipeContext, plan
+
+    r = gguf.GGUFReader(str(default_gguf))
+    f = {k: r.fields[k].contents() for k in ("llama.block_count", "llama.embedding_length",
+                                             "llama.feed_forward_length", "llama.attention.head_count",
+                                             "llama.attention.head_count_kv", "llama.vocab_size")}
+    hp = lq.Hparams(n_layer=f["llama.block_count"], n_embd=f["llama.embedding_length"],
+                    n_ff=f["llama.feed_forward_length"], n_head=f["llama.attention.head_count"],
+                    n_head_kv=f["llama.attention.head_count_kv"], n_vocab=f["llama.vocab_size"])
+    tensors = {}
+    for t in r.tensors:
+        x = gguf.quants.dequantize(np.asarray(t.data), QT(t.tensor_type)).astype(np.float32)
+        tensors[t.name] = x if x.ndim == 1 else x.astype(np.float16)    # F16 file: half the size
+    src = lq.write_f32_gguf(tmp_path / "f16.gguf", tensors, hp)
+    ref = lq.read_tensors(lq.llama_quantize(src, tmp_path / "q4km.gguf", "Q4_K_M"))
+    ctx = RecipeContext(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv)
+    entries = plan([(n, tuple(reversed(a.shape))) for n, a in tensors.items()], "Q4_K_M", ctx)
+    wrong_type = [e.name for e in entries if ref[e.name][0] != e.ggml_type]
+    bad_blocks = n_blocks = 0
+    for e in entries:
+        if e.ggml_type in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+            ours = quantize_k(tensors[e.name].astype(np.float32), e.ggml_type)
+            ts = GGML_QUANT_SIZES[e.ggml_type][1]
+            bad_blocks += lq.block_mismatch(ours, ref[e.name][1], ts)
+            n_blocks += ours.size // ts
+    print(f"Q4_K_M default model: {len(entries)} tensors, {len(wrong_type)} with another type; "
+          f"K-quant blocks differing {bad_blocks}/{n_blocks}")
+    assert not wrong_type and bad_blocks == 0
