@@ -103,25 +103,34 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
     vmax = np.where(zero, F32(1), vmax)
     with np.errstate(all="ignore"):
         iscale = F32(-nmax) / vmax
-        l = _nint(iscale * x, -nmax, nmax - 1)
         wx = w * x
-        sumlx = _seqsum(wx * l)
-        suml2 = _seqsum((w * l) * l)
-        scale = np.where(suml2 != 0, _div(sumlx, suml2), F32(0))
+        l = np.empty_like(x)
+        t = np.empty_like(x)
+
+        def levels(isc):                      # l = clamp(nearest_int(isc * x), -nmax, nmax-1)
+            np.multiply(x, isc, out=l)
+            np.rint(l, out=l)
+            np.clip(l, F32(-nmax), F32(nmax - 1), out=l)
+
+        levels(iscale)
+        sumlx = _seqsum(np.multiply(wx, l, out=t))
+        suml2 = _seqsum(np.multiply(np.multiply(w, l, out=t), l, out=t))
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
-        L = l + F32(nmax)
+        win = iscale                          # L is rebuilt from the winning iscale at the end
         for step in range(-9, 10):
             if step == 0:
                 continue
-            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-            l = _nint(iscale * x, -nmax, nmax - 1)
-            slx = _seqsum(wx * l)
-            sl2 = _seqsum((w * l) * l)
+            isc = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
+            levels(isc)
+            slx = _seqsum(np.multiply(wx, l, out=t))
+            sl2 = _seqsum(np.multiply(np.multiply(w, l, out=t), l, out=t))
             upd = (sl2 > 0) & (slx * slx > best * sl2)
-            if upd.any():
-                np.copyto(L, l + F32(nmax), where=upd)
-                scale = np.where(upd, _div(slx, sl2), scale)
-                best = np.where(upd, scale * slx, best)
+            win = np.where(upd, isc, win)
+            scale = np.where(upd, slx / sl2, scale)
+            best = np.where(upd, scale * slx, best)
+        levels(win)
+    L = l + F32(nmax)
     L[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), L
 
@@ -198,28 +207,34 @@ def _make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: floa
         iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
         scale = F32(1) / iscale
         levels(iscale)
-        L = la.copy()
         best = err(scale, mn)
+        # the winner's L is rebuilt at the end from the (iscale, min) it was made with,
+        # which is cheaper than copying L at every improvement
+        win_iscale, win_mn = iscale, mn
         for step in range(nstep + 1):
             num = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
-            levels(num / (mx - mn))
+            iscale = num / (mx - mn)
+            levels(iscale)
             np.multiply(w, la, out=wl)
             sum_l = _seqsum(wl)
             sum_l2 = _seqsum(np.multiply(wl, la, out=t))
             sum_xl = _seqsum(np.multiply(wl, x, out=t))
             D = sum_w * sum_l2 - sum_l * sum_l
-            t_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
-            t_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
+            t_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            t_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = t_min > 0
             t_min = np.where(pos, F32(0), t_min)
-            t_scale = np.where(pos, _div(sum_xl, sum_l2), t_scale)
+            t_scale = np.where(pos, sum_xl / sum_l2, t_scale)
             cur = err(t_scale, t_min)
             upd = (D > 0) & (cur < best) & ~flat
-            if upd.any():
-                np.copyto(L, la, where=upd)
-                best = np.where(upd, cur, best)
-                scale = np.where(upd, t_scale, scale)
-                mn = np.where(upd, t_min, mn)
+            win_iscale = np.where(upd, iscale, win_iscale)
+            win_mn = np.where(upd, mn, win_mn)
+            best = np.where(upd, cur, best)
+            scale = np.where(upd, t_scale, scale)
+            mn = np.where(upd, t_min, mn)
+        mn, final_mn = win_mn, mn
+        levels(win_iscale)
+    L, mn = la, final_mn
     L[:, flat] = 0
     return np.where(flat, F32(0), scale).astype(F32), (-mn).astype(F32), L
 
