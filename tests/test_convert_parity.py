@@ -80,7 +80,7 @@ def hf_logits(folder, qtype: str | None = None) -> np.ndarray:
 def llama_logits(path, tokens) -> np.ndarray:
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False,
+    llm = Llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False,
                 type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
     try:
         llm.eval(tokens)
