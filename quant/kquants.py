@@ -12,8 +12,10 @@ columns, and every accumulation follows C's order and float32 rounding:
   (numpy's pairwise summation only applies along a contiguous reduction axis);
 * every constant is a float32 and integers are converted to float32 before they meet
   a float, so nothing is promoted to float64;
-* ``nearest_int`` is C's "add 1.5*2^23" trick, done in float32; clamping the biased
-  float before removing the bias is exact for every |value| < 2^22;
+* ``nearest_int`` (C's "add 1.5*2^23" trick) rounds to nearest, ties to even, which is
+  ``np.rint`` for every |value| < 2^22 (the trick's own valid range); where C stores the
+  unclamped int in a uint8/int8, the trick itself is replayed (``_nint_i``);
+* the searches keep the winning candidate's parameters and rebuild its levels once;
 * fp16 scales round to nearest-even (numpy's conversion, like ggml's).
 
 The public entry point is :func:`quantize_k` (rows of float32 in, GGUF block bytes out).
@@ -540,7 +542,7 @@ def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
     Returns:
         uint8 [rows, cols // 256 * type_size], the GGUF tensor data.
     Raises:
-        KQuantError: wrong type, shape, dtype or imatrix length.
+        KQuantError: wrong type, shape or dtype, a non-finite value, or a wrong imatrix length.
     """
     if qtype not in _ENCODERS:
         raise KQuantError(f"{QT(qtype).name} is not a K-quant type this encoder writes "
@@ -553,6 +555,10 @@ def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
     if x.ndim != 2 or x.shape[1] % QK_K:
         raise KQuantError(f"K-quant input must be [rows, cols] with cols a multiple of {QK_K}, "
                           f"got shape {tuple(x.shape)}; use a 32-block type (Q5_0/Q8_0) for this tensor")
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise KQuantError(f"K-quant input has a non-finite value at row {bad[0]}, column {bad[1]}; "
+                          "llama.cpp refuses such tensors too (check the source checkpoint)")
     rows, cols = x.shape
     nbr = cols // QK_K
     type_size = GGML_QUANT_SIZES[qtype][1]
@@ -562,6 +568,8 @@ def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
         if imatrix.shape[0] != cols:
             raise KQuantError(f"imatrix has {imatrix.shape[0]} entries but the tensor rows have {cols} "
                               "columns; the imatrix was computed for a different model or tensor")
+        if not np.isfinite(imatrix).all():
+            raise KQuantError("imatrix contains non-finite values (as llama.cpp, refusing to use it)")
         qwb = imatrix.reshape(nbr, QK_K)
     blocks = np.ascontiguousarray(x).reshape(rows * nbr, QK_K)
     nb = blocks.shape[0]

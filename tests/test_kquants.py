@@ -132,6 +132,10 @@ def test_bad_input_is_refused():
         quantize_k(np.zeros((2, 512), dtype=np.float64), QT.Q4_K)
     with pytest.raises(KQuantError, match="imatrix has 100 entries"):
         quantize_k(np.zeros((2, 512), dtype=np.float32), QT.Q4_K, np.ones(100, np.float32))
+    nan = np.zeros((2, 512), dtype=np.float32)
+    nan[1, 300] = np.nan
+    with pytest.raises(KQuantError, match="row 1, column 300"):
+        quantize_k(nan, QT.Q6_K)
     with pytest.raises(KQuantError, match="not a K-quant"):
         quantize_k(np.zeros((2, 512), dtype=np.float32), QT.Q8_0)
 
