@@ -532,15 +532,16 @@ def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
     """Quantize rows of float32 to a K-quant type, byte-identical to llama.cpp.
 
     Args:
-        x: float32 [rows, cols] (a 1-D array is one row); cols must be a multiple of 256.
+        x: float32 [rows, cols] (a 1-D array is one row) or stacked experts
+            [n_expert, rows, cols]; cols must be a multiple of 256.
         qtype: one of ``K_TYPES`` (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
         imatrix: optional importance weights [cols] (float32, one per column, as in a
-            llama.cpp imatrix entry); with it the ``quantize_qX_K(..., quant_weights)``
+            llama.cpp imatrix entry; [n_expert * cols] for stacked experts); with it the ``quantize_qX_K(..., quant_weights)``
             path is followed, without it the ``_ref`` path (what ``llama_model_quantize``
             runs with no imatrix).
         n_threads: worker threads (default: all cores); numpy releases the GIL.
     Returns:
-        uint8 [rows, cols // 256 * type_size], the GGUF tensor data.
+        uint8 [rows, cols // 256 * type_size] (or [n_expert, rows, ...]), the GGUF tensor data.
     Raises:
         KQuantError: wrong type, shape or dtype, a non-finite value, or a wrong imatrix length.
     """
@@ -550,6 +551,16 @@ def quantize_k(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None,
     x = np.asarray(x)
     if x.dtype != F32:
         raise KQuantError(f"K-quant input must be float32, got {x.dtype}; convert with .astype(np.float32)")
+    if x.ndim == 3:                           # stacked experts: one imatrix vector per expert
+        n_exp, cols = x.shape[0], x.shape[2]
+        ims = [None] * n_exp
+        if imatrix is not None:
+            imatrix = np.asarray(imatrix, dtype=F32).reshape(-1)
+            if imatrix.size not in (cols, n_exp * cols):
+                raise KQuantError(f"imatrix has {imatrix.size} entries but the expert tensor needs "
+                                  f"{cols} or {n_exp} x {cols}; it was computed for another model")
+            ims = [imatrix[(e * cols) % imatrix.size:][:cols] for e in range(n_exp)]
+        return np.stack([quantize_k(x[e], qtype, ims[e], n_threads) for e in range(n_exp)])
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2 or x.shape[1] % QK_K:

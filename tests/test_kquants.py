@@ -175,3 +175,20 @@ def test_default_model_q4_k_m_end_to_end(tmp_path, default_gguf):
     print(f"Q4_K_M default model: {len(entries)} tensors, {len(wrong_type)} with another type; "
           f"K-quant blocks differing {bad_blocks}/{n_blocks}")
     assert not wrong_type and bad_blocks == 0
+
+
+def test_stacked_experts_with_per_expert_imatrix(tmp_path):
+    """A 3-D expert tensor [n_expert, rows, cols] with one imatrix vector per expert."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 8, 512)).astype(np.float32)
+    im = np.concatenate([_imatrix(rng, 512) for _ in range(4)])
+    name = "blk.0.ffn_down_exps.weight"
+    hp = lq.Hparams(n_layer=1, n_expert=4, n_expert_used=2)
+    src = lq.write_f32_gguf(tmp_path / "in.gguf", {name: x}, hp)
+    for qtype in (QT.Q4_K, QT.Q6_K):
+        ref = lq.read_tensors(lq.llama_quantize(src, tmp_path / "out.gguf", lq.PURE_FTYPE[qtype], pure=True,
+                                                imatrix={name: im}))[name][1]
+        ours = quantize_k(x, qtype, im)
+        bad = lq.block_mismatch(ours, ref, GGML_QUANT_SIZES[qtype][1])
+        print(qtype.name, "experts with per-expert imatrix: mismatching blocks", bad, "/", ours.size // GGML_QUANT_SIZES[qtype][1])
+        assert ours.shape[:2] == (4, 8) and bad == 0
