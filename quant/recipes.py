@@ -22,7 +22,7 @@ single-tensor view of the same engine.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import gguf

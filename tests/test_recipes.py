@@ -14,7 +14,6 @@ import functools
 import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as QT
 
 import _llama_quant as lq
 from edgeinfer.quant.recipes import RecipeContext, RecipeError, choose_type, format_plan, plan, use_more_bits
