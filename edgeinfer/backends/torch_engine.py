@@ -31,7 +31,18 @@ from edgeinfer.sampling import Sampler
 
 
 def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes (0 where the OS does not say)."""
+    """Peak resident set size of this process in bytes (0 where the OS does not say).
+
+    Linux: ``VmHWM`` of /proc/self/status (``ru_maxrss`` would include the RSS of the process
+    that forked us, e.g. a test runner); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     except (AttributeError, OSError):

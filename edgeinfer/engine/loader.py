@@ -11,6 +11,7 @@ grow with the file size, not with the dequantized size.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,17 @@ def _raw(mm: np.ndarray, h: GGUFFile, name: str, t) -> torch.Tensor:
     if rows * rb != t.nbytes:
         raise InvalidModelError(f"{h.path}: tensor {name} has {t.nbytes} bytes, expected {rows * rb}")
     return torch.from_numpy(mm[t.offset:t.offset + t.nbytes]).view(rows, rb)
+
+
+def _release_pages(mm: np.memmap) -> None:
+    """Drop the mapped pages read while repacking/copying (the mapping is private and never
+    written, so they are re-read from the file if used again, e.g. embedding rows)."""
+    m = getattr(mm, "_mmap", None)
+    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError) as e:
+            log.debug("madvise failed: %s", e)
 
 
 def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
@@ -136,6 +148,7 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     if unknown:
         log.warning("%s: ignoring tensors %s", path, sorted(unknown)[:8])
     model.load_state_dict({k: floats[k] for k in expected}, strict=False, assign=True)
+    _release_pages(mm)
     cache_dtype = torch.float32 if device.type == "cpu" else torch.float16
     model.setup(n_ctx, device, cache_dtype)
     return model, report

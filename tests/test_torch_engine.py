@@ -1,0 +1,246 @@
+"""The torch engine on the default model (SmolLM2-135M Q4_1 + Q8_0) vs llama.cpp on the same file.
+
+What the numbers mean (measured while writing these tests, printed by every run):
+
+* On an **F32 copy** of the default model (``llama_model_quantize`` to ALL_F32: the same weights,
+  dequantized exactly) llama.cpp and the torch engine agree to ~2e-6 relative logit error and
+  100 % top-1, and greedy generation is token-identical. That is the proof that model, RoPE layout,
+  tied head, KV cache and tokenizer are right.
+* On the **Q4_1 file** itself llama.cpp quantizes every activation vector to 8 bits (Q8_1/Q8_0
+  blocks) inside its quantized dot products; our CPU path rounds activations to bf16 instead. The
+  two engines then differ by ~3 % relative logit error (the exact-dequantize path shows the same
+  gap vs llama.cpp, and matches transformers to 1e-6), which flips the argmax where the top two
+  logits are within a few tenths of each other: top-1 agreement ~97 % on natural text, not 99 %.
+  So the Q4_1 checks assert (a) top-1 >= 95 %, (b) every disagreement is at a position whose
+  llama.cpp top-2 margin is below a noise bound measured on the *other* positions, and (c) greedy
+  decoding diverges, if at all, only at such a near-tie.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from edgeinfer.backend import Backend, DoneEvent, LoadOptions, SamplingParams
+
+N_POS = 300
+# One torch thread: on a shared 2-core machine two OpenMP threads that spin-wait on each other
+# were 10-20x slower than one (measured); speed is the benchmark's business, not the tests'.
+THREADS = 1
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU cache is."]
+
+
+def natural_text() -> str:
+    """English prose read at test time: docstrings of a few standard-library modules."""
+    import argparse
+    import json
+    import logging
+    import textwrap
+    import unittest
+
+    return "\n\n".join(textwrap.dedent(m.__doc__).strip() for m in (argparse, json, unittest, logging, textwrap))
+
+
+def llama_logits(path, tokens, f32_kv: bool = False) -> np.ndarray:
+    """llama.cpp's teacher-forced logits [len(tokens), vocab] (float64)."""
+    from llama_cpp import Llama
+
+    kw = dict(type_k=0, type_v=0) if f32_kv else {}
+    llm = Llama(str(path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True, verbose=False, **kw)
+    try:
+        llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Relative L2 error, KL(ref || got) per position, top-1 agreement, top-2 margins of ref."""
+    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    a, b = ref.argmax(-1), got.argmax(-1)
+    rows = np.arange(len(ref))
+    # noise of the "top-1 minus top-2" margin between the engines
+    second = np.argsort(ref, axis=-1)[:, -2]
+    dmargin = (ref[rows, a] - ref[rows, second]) - (got[rows, a] - got[rows, second])
+    return dict(rel=float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), kl_mean=float(kl.mean()),
+                kl_max=float(kl.max()), top1=float((a == b).mean()), disagree=np.nonzero(a != b)[0],
+                margin=top2[:, 1] - top2[:, 0], dmargin_std=float(dmargin.std()))
+
+
+@pytest.fixture(scope="module")
+def torch_default(default_gguf):
+    from edgeinfer.backends.torch_engine import TorchBackend
+
+    b = TorchBackend(default_gguf, LoadOptions(n_ctx=1024, n_threads=THREADS, device="cpu", seed=0))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def text_tokens(torch_default):
+    toks = torch_default.tokenize(natural_text(), add_special=False)
+    assert len(toks) >= N_POS
+    return toks[:N_POS]
+
+
+@pytest.fixture(scope="module")
+def q4_stats(default_gguf, torch_default, text_tokens):
+    ref = llama_logits(default_gguf, text_tokens)
+    got = torch_default.logits(text_tokens).double().numpy()
+    return compare(ref, got)
+
+
+def test_backend_protocol_and_info(torch_default, llama_default):
+    assert isinstance(torch_default, Backend)
+    info = torch_default.info()
+    print(info)
+    assert info.backend == "torch" and info.device.startswith("cpu") and info.architecture == "llama"
+    assert info.extra["kernels"] == {"Q4_1:cpu-packed": 210, "Q8_0:cpu-packed": 1}
+    mem = torch_default.memory_bytes()
+    assert mem["rss"] > 0 and mem["peak"] >= mem["rss"] // 2
+    # weights stay quantized: what the layers hold is about the file size, not 4x it
+    size = torch_default.path.stat().st_size
+    print(f"weights on device {info.extra['weight_bytes'] / 2**20:.1f} MiB, file {size / 2**20:.1f} MiB")
+    assert info.extra["weight_bytes"] < 1.1 * size
+    # same tokenizer and chat rendering as the llama.cpp backend
+    msgs = [{"role": "user", "content": "Hi there, ünïcode ✓"}]
+    assert torch_default.format_chat(msgs) == llama_default.format_chat(msgs)
+    text = natural_text()[:500]
+    assert torch_default.tokenize(text) == llama_default.tokenize(text)
+    assert torch_default.detokenize(torch_default.tokenize(text, add_special=False)) == text
+
+
+def test_q4_parity_vs_llamacpp(q4_stats):
+    s = q4_stats
+    noise = 4 * s["dmargin_std"]
+    flips = [(int(i), round(float(s["margin"][i]), 3)) for i in s["disagree"]]
+    print(f"default Q4_1, {N_POS} positions of natural text: rel err {s['rel']:.3e}, KL/pos mean {s['kl_mean']:.2e} "
+          f"max {s['kl_max']:.2e}, top-1 agreement {s['top1']:.2%}; margin noise (4 sd) {noise:.3f}; "
+          f"disagreements (pos, llama.cpp top-2 margin): {flips}")
+    assert s["top1"] >= 0.95
+    assert s["rel"] < 0.06 and s["kl_mean"] < 5e-3
+    assert all(m < noise for _, m in flips), "a disagreement at a confident position is not numerical noise"
+
+
+@pytest.fixture(scope="module")
+def f32_copy(default_gguf, tmp_path_factory):
+    """The default model requantized by llama.cpp to ALL_F32 (exactly the dequantized weights)."""
+    import llama_cpp
+
+    out = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = 0, True, 2
+    assert llama_cpp.llama_model_quantize(str(default_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    yield out
+    out.unlink()
+
+
+@pytest.mark.slow
+def test_f32_copy_exact_parity_and_greedy(f32_copy, text_tokens):
+    from llama_cpp import Llama
+
+    from edgeinfer.backends.torch_engine import TorchBackend
+
+    tb = TorchBackend(f32_copy, LoadOptions(n_ctx=1024, n_threads=THREADS, device="cpu"))
+    try:
+        assert set(tb.info().extra["kernels"]) == {"F32:dense"}
+        s = compare(llama_logits(f32_copy, text_tokens, f32_kv=True), tb.logits(text_tokens).double().numpy())
+        print(f"F32 copy: rel err {s['rel']:.2e}, KL/pos mean {s['kl_mean']:.2e}, top-1 {s['top1']:.2%}")
+        assert s["rel"] < 1e-4 and s["top1"] == 1.0
+        llm = Llama(str(f32_copy), n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0)
+        sp = SamplingParams(temperature=0, max_tokens=32)
+        for p in PROMPTS:
+            ours = [e.token_id for e in tb.generate([{"role": "user", "content": p}], sp) if not isinstance(e, DoneEvent)]
+            prompt = tb.tokenize(tb.prompts.prompt_text([{"role": "user", "content": p}])[0])
+            theirs = []
+            for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                if len(theirs) == len(ours) or tb.is_eog(tok):
+                    break
+                theirs.append(tok)
+            ours = [t for t in ours if t >= 0 and not tb.is_eog(t)]
+            print(f"F32 greedy {p!r}: {len(ours)} tokens, identical={ours == theirs}")
+            assert ours == theirs
+        llm.close()
+    finally:
+        tb.close()
+
+
+def test_greedy_q4_matches_llamacpp_or_diverges_at_near_tie(default_gguf, torch_default, llama_default, q4_stats):
+    sp = SamplingParams(temperature=0, max_tokens=32)
+    noise = 4 * q4_stats["dmargin_std"]
+    for p in PROMPTS:
+        chat = [{"role": "user", "content": p}]
+        ours = [e.token_id for e in torch_default.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
+        theirs = [e.token_id for e in llama_default.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
+        n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if n is None:
+            print(f"greedy {p!r}: identical for {min(len(ours), len(theirs))} tokens")
+            assert len(ours) == len(theirs) or min(len(ours), len(theirs)) >= 32
+            continue
+        prefix = torch_default.tokenize(torch_default.prompts.prompt_text(chat)[0]) + ours[:n]
+        ref = llama_logits(default_gguf, prefix)[-1]
+        a, b = theirs[n], ours[n]
+        margin = float(ref[a] - ref[b])
+        # llama.cpp's own batched re-evaluation of the same prefix may even prefer our token
+        # (its step-by-step and batched matmuls round differently): |margin| is what matters.
+        print(f"greedy {p!r}: identical for {n} tokens, then llama.cpp picks {a} and torch {b}; "
+              f"llama.cpp (batched) margin between them {margin:+.3f}, |margin| < noise bound {noise:.3f}")
+        assert abs(margin) < noise
+
+
+def test_kv_cache_step_decode_equals_full_forward(torch_default, text_tokens):
+    # Packed path: the M=1 and M=16 bf16 kernels round differently, so the bound is the bf16
+    # noise (measured ~1e-2 of the largest logit); a wrong cache position or mask gives O(1)
+    # errors. The exact fp32 check (1e-5) past a sliding window is in tests/test_models.py.
+    m = torch_default.model
+    toks = text_tokens[:40]
+    full = torch_default.logits(toks)
+    steps = [m(torch.tensor([toks[:16]]), 0)[0]]
+    for i in range(16, len(toks)):
+        steps.append(m(torch.tensor([[toks[i]]]), i)[0])
+    step = torch.cat(steps)
+    err = float((step - full).abs().max() / full.abs().max())
+    agree = float((step.argmax(-1) == full.argmax(-1)).float().mean())
+    print(f"prefill 16 + 24 single steps vs one pass: max rel diff {err:.2e} (tol 3e-2), top-1 agreement {agree:.0%}")
+    assert err < 3e-2 and agree == 1.0
+    torch_default._cached = []
+
+
+def test_generate_stops_and_streams(torch_default):
+    sp = SamplingParams(temperature=0.7, max_tokens=12, seed=5)
+    a = [e for e in torch_default.generate("Once upon a time", sp)]
+    b = [e for e in torch_default.generate("Once upon a time", sp)]
+    assert isinstance(a[-1], DoneEvent) and a[-1].text == b[-1].text  # seeded sampling is repeatable
+    assert a[-1].finish_reason == "length" and a[-1].timings.generated_tokens == 12
+    t = a[-1].timings
+    print(f"TTFT {t.ttft_s * 1000:.0f} ms, prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s")
+    stop_at = a[-1].text.strip().split()[1]
+    c = list(torch_default.generate("Once upon a time", SamplingParams(temperature=0.7, max_tokens=12, seed=5,
+                                                                       stop=[stop_at])))
+    assert c[-1].finish_reason == "stop" and stop_at not in c[-1].text
+
+
+def test_prompt_too_long_is_a_clear_error(torch_default):
+    from edgeinfer.errors import BackendError
+
+    with pytest.raises(BackendError, match="context"):
+        list(torch_default.generate("word " * 1100, SamplingParams(max_tokens=1)))
+
+
+def test_cli_run_torch_stats(cli_env):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeinfer", "run", "--backend", "torch", "--device", "cpu", "--stats",
+                        "-p", "Say hi", "-n", "8", "--temp", "0", "--threads", str(THREADS)],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    print(r.stdout, r.stderr[-800:])
+    assert r.returncode == 0
+    for word in ("torch on cpu", "load", "TTFT", "prefill", "decode", "tok/s", "peak"):
+        assert word in r.stderr
