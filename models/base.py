@@ -57,7 +57,7 @@ class ModelArgs:
     swa_layers: tuple = ()  # per layer: True if it is a sliding-window layer
     qkv_bias: bool = False
     qk_norm: bool = False
-    post_norms: bool = False  # gemma: attn_post_norm / ffn_post_norm around each sub-block
+    post_norms: bool = False  # gemma: post_attention_norm / post_ffw_norm after each sub-block
     act: str = "silu"  # "silu" or "gelu_tanh"
     embed_scale: float = 1.0
     attn_scale: float = 0.0  # 0 = 1/sqrt(head_dim)

@@ -52,12 +52,12 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(a.dim, a.norm_eps)
         self.attn = Attention(a, i)
-        self.attn_post_norm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.ffn = MLP(a)
-        self.ffn_post_norm = RMSNorm(a.dim, a.norm_eps)
+        self.post_ffw_norm = RMSNorm(a.dim, a.norm_eps)
 
     def forward(self, h: torch.Tensor, pos0: int) -> torch.Tensor:
         """h: [1, S, dim] -> [1, S, dim]."""
-        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), pos0))
-        return h + self.ffn_post_norm(self.ffn(self.ffn_norm(h)))
+        h = h + self.post_attention_norm(self.attn(self.attn_norm(h), pos0))
+        return h + self.post_ffw_norm(self.ffn(self.ffn_norm(h)))
