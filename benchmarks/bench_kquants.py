@@ -7,8 +7,9 @@ Prints (medians of ``--reps`` runs, MB/s of float32 input):
    with ``--threads``, next to the legacy Q8_0 encoders (gguf's numpy ``quantize`` and
    edgeinfer's torch encoder) on the same [1536, 2048] matrix;
 2. the encode time of every tensor of the default model (dequantized to float32) under
-   the Q4_K_M, Q5_K_M and Q6_K recipes (``quant/recipes.py``) vs all-Q8_0 (the
-   converter's own Q8_0 recipe), i.e. the encoding share of ``convert`` for each recipe.
+   the Q4_K_M, Q5_K_M and Q6_K recipes (``quant/recipes.py``, each type with the
+   converter's registered encoder) vs the Q8_0 recipe and vs gguf's numpy Q8_0 encoder
+   on all matrices (a baseline that does not depend on torch's thread pool).
 The machine may be shared: figures vary; compare the ratios within one run.
 """
 
@@ -69,6 +70,9 @@ def model_table(reps: int) -> None:
     shapes = [(n, tuple(reversed(a.shape))) for n, a in tensors.items()]
     total_mb = sum(a.nbytes for a in tensors.values()) / 1e6
     print(f"\ndefault model: {len(tensors)} tensors, {total_mb:.0f} MB float32")
+    mats = [a.reshape(-1, a.shape[-1]) for a in tensors.values() if a.ndim >= 2]
+    base = _median_time(lambda: [gguf.quants.quantize(m, QT.Q8_0) for m in mats], reps)
+    print(f"all matrices Q8_0 with gguf's numpy encoder (stable baseline): {base:.2f} s")
     times = {}
     for recipe in ("Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"):
         entries = plan(shapes, recipe, ctx)
@@ -87,7 +91,8 @@ def model_table(reps: int) -> None:
         times[recipe] = sum(per_type.values())
         split = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(per_type.items()))
         print(f"{recipe:8s} encode {times[recipe]:6.2f} s  ({total_mb / times[recipe]:6.1f} MB/s)  "
-              f"vs Q8_0 {times[recipe] / times['Q8_0']:5.2f}x   by type: {split}")
+              f"vs Q8_0 {times[recipe] / times['Q8_0']:5.2f}x, vs gguf Q8_0 {times[recipe] / base:5.2f}x  "
+              f"by type: {split}")
 
 
 def main() -> None:
