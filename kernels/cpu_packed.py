@@ -1,24 +1,25 @@
-"""CPU fast path: GGML blocks repacked for torch's packed int4 / int8 CPU matmul kernels.
+"""CPU fast path: GGML blocks rewritten as int4 bit planes for torch's packed int4 CPU kernel.
 
 Measured on this 2-core AVX-512 machine (``benchmarks/bench_torch_engine.py --kernels``):
-torch's ``_weight_int4pack_mm_for_cpu`` and ``_weight_int8pack_mm`` are only vectorized for
-bfloat16 activations (fp32/fp16 inputs take a scalar path 20x slower), a bounded
-dequantize-to-float + ``F.linear`` is 5-20x slower than either, and fp32 dense GEMV needs 6.4x
-the bytes. So the CPU path is:
+torch's ``_weight_int4pack_mm_for_cpu`` is only vectorized for bfloat16 activations (fp32/fp16
+inputs take a scalar path ~20x slower); ``_weight_int8pack_mm`` has per-channel scales only, so
+Q8_0 needs one call per 32-column block (K=32 dot products: 4-6x slower than two int4 planes);
+a bounded dequantize-to-float + ``F.linear`` is 5-20x slower; inductor (``torch.compile``) on a
+fused dequant-GEMV expression took 43 s to compile and was slower than the int4 planes. So:
 
-* Q4_0, Q4_1, Q4_K -> int4pack, group size 32. Those formats are exactly "4-bit code q in
-  0..15, per-32 scale s and offset z": torch computes ``w = (q - 8) * s + z``, so
-  Q4_0: ``s = d, z = 0``; Q4_1: ``s = d, z = m + 8 d``; Q4_K: ``s = d*sc, z = 8 s - dmin*mn``.
-  Codes are kept bit-exact; the (s, z) pairs are held in bfloat16 (what the vectorized kernel
-  takes), a relative error <= 2^-9 per block. Memory: 0.5 B/weight + 4 B per 32 (= Q4_1 size).
-* Q8_0 -> int8 codes [K/32, N, 32] plus per-block scales; ``_weight_int8pack_mm`` is called
-  once per 32-column block with that block's scales (exact structure, bf16 scales) and the
-  partial products are summed in fp32. Memory: 1 B/weight + 2 B per 32 (= Q8_0 size).
+* every type whose groups of 32 weights are ``w = c*s + z`` with integer codes ``c`` -- Q4_0,
+  Q4_1, Q4_K (4-bit), Q5_0, Q5_1, Q5_K (5-bit), Q8_0 (8-bit) -- is rewritten exactly in that
+  form (:func:`codes_scales`) and packed as one (4-bit) or two (``c = 16*hi + lo``) int4 planes
+  (:class:`PackedCPU`). Codes are bit-exact; scale/zero pairs are bf16 (relative error <= 2^-9
+  per group) and activations are rounded to bf16 -- measured ~3e-3 relative output error, about
+  what llama.cpp's own 8-bit activation quantization costs. Memory: 0.5 B/weight per plane
+  + 4 B per 32 per plane (Q4_1: same as the file; Q8_0: 1.25 B/weight vs 1.06 in the file).
+* Q6_K (16-weight groups, which the kernel does not take) and any other type uses
+  :func:`dequant_linear`: dequantize a bounded chunk of rows with the reference dequantizer,
+  multiply, move on (at most ``CHUNK_ELEMS`` floats live at once).
 
-Every other type uses :func:`dequant_linear`: dequantize a bounded chunk of rows with the
-reference dequantizer, multiply, move on (weights stay quantized, at most ``CHUNK_ELEMS``
-floats live at once). Oracle: :func:`edgeinfer.kernels.dequant.dequantize` + float64 matmul
-(``tests/test_kernels.py`` prints the error of each path).
+Oracle: :func:`edgeinfer.kernels.dequant.dequantize` + float64 matmul (``tests/test_kernels.py``
+prints the error of each path).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from edgeinfer.kernels.dequant import dequantize, k_scale_min
 T = gguf.GGMLQuantizationType
 
 #: Types with a packed CPU kernel.
-PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0)
+PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K)
 #: Largest dequantized chunk (elements) the fallback path materializes at once (16 MiB of fp32).
 CHUNK_ELEMS = 1 << 22
 
@@ -53,67 +54,92 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _int4_codes_scales(raw: torch.Tensor, qtype: T, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGML 4-bit blocks -> (codes [N, K] int32 in 0..15, scale [N, K/32], zero [N, K/32]) fp32.
+def _bits32(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] uint8 (a little-endian u32) -> [n, 32] with bit i at column i."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
 
-    Done in numpy at load time (torch's uint8 bit ops are not vectorized and were 10x slower).
+
+def codes_scales(raw: torch.Tensor, qtype: T, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rewrite GGML blocks exactly as ``w = c * s + z`` per group of 32 weights.
+
+    Returns:
+        (c, s, z): unsigned integer codes [N, K] (uint8; < 2^bits), scales and offsets
+        [N, K/32] float32. Layouts: ``dequantize_row_*`` in ggml-quants.c.
     """
     bs, ts = gguf.GGML_QUANT_SIZES[qtype]
     b = raw.cpu().numpy().reshape(-1, ts)
-    if qtype == T.Q4_0:
+    if qtype == T.Q8_0:
         d = _f16(b[:, :2])
-        q, s, z = _nibbles(b[:, 2:]), d, np.zeros_like(d)
-    elif qtype == T.Q4_1:
+        c = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        s, z = d, -128.0 * d
+    elif qtype in (T.Q4_0, T.Q5_0):
+        d = _f16(b[:, :2])
+        c = _nibbles(b[:, 2:18] if qtype == T.Q4_0 else b[:, 6:22])
+        if qtype == T.Q5_0:
+            c = c | (_bits32(b[:, 2:6]) << 4)
+        s, z = d, (-8.0 if qtype == T.Q4_0 else -16.0) * d
+    elif qtype in (T.Q4_1, T.Q5_1):
         d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-        q, s, z = _nibbles(b[:, 4:]), d, m + np.float32(8.0) * d
-    else:  # Q4_K: 8 sub-blocks of 32 per 256-element super-block
+        c = _nibbles(b[:, 4:20] if qtype == T.Q4_1 else b[:, 8:24])
+        if qtype == T.Q5_1:
+            c = c | (_bits32(b[:, 4:8]) << 4)
+        s, z = d, m
+    else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per 256-element super-block
         nb = b.shape[0]
         d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
         sc, mn = (t.numpy() for t in k_scale_min(torch.from_numpy(np.ascontiguousarray(b[:, 4:16]))))
         s = d * sc.astype(np.float32)  # [nb, 8]
-        z = np.float32(8.0) * s - dmin * mn.astype(np.float32)
-        qs = b[:, 16:].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(nb * 8, 32)
-    return (torch.from_numpy(q.reshape(n, k).astype(np.int32)), torch.from_numpy(s.reshape(n, k // 32)),
-            torch.from_numpy(z.reshape(n, k // 32)))
+        z = -(dmin * mn.astype(np.float32))
+        qs = b[:, 16:] if qtype == T.Q4_K else b[:, 48:]
+        qs = qs.reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        c = (qs & 0x0F).reshape(nb, 8, 32)
+        if qtype == T.Q5_K:
+            qh = b[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            c = c | ((qh & 1) << 4)
+    return c.reshape(n, k), np.asarray(s, np.float32).reshape(n, k // 32), np.asarray(z, np.float32).reshape(n, k // 32)
 
 
 class PackedCPU:
-    """Weights of one linear layer in torch's packed CPU format (see module docstring).
+    """Weights of one linear layer as one or two int4 bit planes for torch's CPU int4 kernel.
+
+    ``w = c*s + z`` (:func:`codes_scales`); 4-bit codes are one plane (kernel scale ``s``, zero
+    ``z + 8s``, since the kernel computes ``(q - 8) * scale + zero``); 5- and 8-bit codes are split
+    ``c = 16*hi + lo`` into two planes (``hi``: scale ``16s``, zero ``z + 128s`` for Q8_0 -- exactly
+    0 -- or code ``hi + 8`` and zero ``z`` for 5-bit codes; ``lo``: scale ``s``, zero ``8s``)
+    whose products are summed in fp32. Codes stay bit-exact; scales/zeros
+    are bf16 (what the vectorized kernel takes).
 
     Args:
         raw: uint8 [N, row_bytes] GGML blocks of the weight [N, K].
-        qtype: Q4_0, Q4_1, Q4_K or Q8_0.
+        qtype: one of :data:`PACKED_TYPES`.
         n, k: output and input features.
     """
 
     def __init__(self, raw: torch.Tensor, qtype: T, n: int, k: int):
         self.qtype, self.n, self.k = qtype, n, k
-        if qtype == T.Q8_0:
-            b = raw.cpu().numpy().reshape(n, k // 32, 34)
-            # codes: [K/32, N, 32] so that codes[j] is the contiguous [N, 32] weight of block j
-            self.codes = torch.from_numpy(np.ascontiguousarray(b[:, :, 2:].transpose(1, 0, 2)).view(np.int8))
-            d = _f16(b[:, :, :2]).reshape(n, k // 32)
-            self.scales = torch.from_numpy(np.ascontiguousarray(d.T)).to(torch.bfloat16)  # [K/32, N]
-        else:
-            q, s, z = _int4_codes_scales(raw, qtype, n, k)
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
-            # [K/32, N, 2] (scale, zero)
-            self.scales_zeros = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)
+        c, s, z = codes_scales(raw, qtype, n, k)
+        if qtype in (T.Q4_0, T.Q4_1, T.Q4_K):
+            planes = [(c, s, z + 8.0 * s)]
+        elif qtype == T.Q8_0:  # c = q + 128: the hi plane's zero z + 128 s is exactly 0
+            planes = [(c >> 4, 16.0 * s, z + 128.0 * s), (c & 15, s, 8.0 * s)]
+        else:  # 5-bit: hi in {0, 1} stored as 8 + hi, so the zero stays z (no large offset to round)
+            planes = [((c >> 4) + 8, 16.0 * s, z), (c & 15, s, 8.0 * s)]
+        self.planes = []
+        for codes, sc, zero in planes:
+            packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
+            sz = torch.from_numpy(np.stack([sc.T, zero.T], axis=-1)).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
+            self.planes.append((packed, sz))
 
     def nbytes(self) -> int:
-        ts = [self.codes, self.scales] if self.qtype == T.Q8_0 else [self.packed, self.scales_zeros]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in self.planes)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] float -> [M, N] float32."""
         xb = x.to(torch.bfloat16)
-        if self.qtype != T.Q8_0:
-            return torch._weight_int4pack_mm_for_cpu(xb, self.packed, 32, self.scales_zeros).float()
         y = None
-        for j in range(self.k // 32):
-            part = torch._weight_int8pack_mm(xb[:, j * 32:(j + 1) * 32], self.codes[j], self.scales[j])
-            y = part.float() if y is None else y.add_(part)
+        for packed, sz in self.planes:
+            part = torch._weight_int4pack_mm_for_cpu(xb, packed, 32, sz).float()
+            y = part if y is None else y.add_(part)
         return y
 
 

@@ -141,13 +141,15 @@ class KVCache:
         """
         s, dev = k.shape[2], k.device
         end = pos0 + s
-        if end > pos0 and not self.ring and end > self.size:
+        if not self.ring and end > self.size:
             raise IndexError(f"KV cache holds {self.size} positions, asked for {end}")
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if not self.ring:
             self.k[:, :, pos0:end] = k
             self.v[:, :, pos0:end] = v
             keys, vals = self.k[:, :, :end], self.v[:, :, :end]
+            if s == 1 and (self.window == 0 or end <= self.window):
+                return keys, vals, None  # decode: every cached key is visible
             kpos = torch.arange(end, device=dev)
         elif s == 1:  # decode: after writing, the ring holds exactly the visible window
             self.k[:, :, pos0 % self.size] = k[:, :, 0]
@@ -164,8 +166,6 @@ class KVCache:
             slots = torch.arange(end - n, end, device=dev) % w
             self.k[:, :, slots] = k[:, :, s - n:]
             self.v[:, :, slots] = v[:, :, s - n:]
-        if s == 1 and (self.window == 0 or end <= self.window):
-            return keys, vals, None
         qpos = torch.arange(pos0, end, device=dev)[:, None]
         mask = kpos[None, :] <= qpos
         if self.window:
@@ -202,9 +202,16 @@ class Attention(nn.Module):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k = self.rope(q, pos0), self.rope(k, pos0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
-        keys, vals, mask = self.cache.update(k, v, pos0)
-        o = F.scaled_dot_product_attention(q.to(keys.dtype), keys, vals, attn_mask=mask, scale=self.scale,
-                                           enable_gqa=self.n_head != self.n_kv)  # [B, H, S, D]
+        keys, vals, mask = self.cache.update(k, v, pos0)  # [B, H_kv, L, D]
+        q = q.to(keys.dtype)
+        if s == 1 and mask is None:  # decode: two small matmuls beat SDPA's per-call cost on CPU
+            g = self.n_head // self.n_kv  # query head h reads kv head h // g
+            att = torch.matmul(q.view(b, self.n_kv, g, self.hd), keys.transpose(-1, -2)) * self.scale  # [B, Hkv, G, L]
+            o = torch.matmul(torch.softmax(att.float(), dim=-1).to(vals.dtype), vals)  # [B, Hkv, G, D]
+            o = o.view(b, self.n_head, 1, self.hd)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_head != self.n_kv)  # [B, H, S, D]
         return self.attn_output(o.transpose(1, 2).reshape(b, s, self.n_head * self.hd).float())
 
 

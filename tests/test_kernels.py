@@ -91,6 +91,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.parametrize("qtype", cpu_packed.PACKED_TYPES, ids=lambda t: t.name)
+def test_codes_scales_exact(qtype):
+    # the packed CPU path's rewrite w = c*s + z reproduces the gguf package's values exactly
+    raw = random_blocks(qtype, 8, 512, seed=2, scale=0.02)
+    c, s, z = cpu_packed.codes_scales(torch.from_numpy(raw), qtype, 8, 512)
+    w = (c.reshape(8, 16, 32).astype(np.float32) * s[..., None] + z[..., None]).reshape(8, 512)
+    ref = gguf.quants.dequantize(raw, qtype)
+    print(f"{qtype.name}: codes < {int(c.max()) + 1}, max |c*s+z - gguf| = {np.abs(w - ref).max():.1e}")
+    assert np.array_equal(w, ref)
+
+
 # The packed CPU kernels take bfloat16 activations and bf16 (scale, zero) pairs, and return bf16:
 # three roundings of relative size <= 2^-9 each; over K-term dot products they average out to
 # ~3e-3 of the output norm. Tolerance 1e-2.
@@ -102,7 +113,7 @@ PACKED_TOL = 1e-2
 @pytest.mark.parametrize("m", [1, 7])
 def test_cpu_packed_matmul(qtype, m):
     n, k = 96, 512
-    raw = random_blocks(qtype, n, k, seed=m + int(qtype), scale=0.02)
+    raw = random_blocks(qtype, n, k, seed=m + int(qtype), scale=0.02)  # random codes, incl. extremes
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     got = cpu_packed.PackedCPU(torch.from_numpy(raw), qtype, n, k).matmul(x)
     err = _rel(got, _ref_matmul(x, raw, qtype))
