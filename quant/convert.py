@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as T
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant import archs as A
 from edgeinfer.quant.policy import FILE_TYPES, Policy, TensorPlanInput, TypeDecision, default_policy
-from edgeinfer.quant.quantizers import REGISTRY, quantize
+from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, quantize
 from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
 from edgeinfer.quant.vocab import Vocab, load_vocab
 
@@ -267,16 +267,68 @@ def load_tensor(plan: ConversionPlan, t: PlannedTensor) -> torch.Tensor:
     return x
 
 
-def encode_tensor(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray:
-    """Bytes of one tensor in its planned type (``uint8``, ``t.nbytes`` long)."""
+def needs_fixup(plan: ConversionPlan, t: PlannedTensor) -> bool:
+    """True if an architecture fix-up changes this tensor (probed on a shape-only 'meta' tensor)."""
+    if t.source is None:
+        return True
+    meta = torch.empty(t.source.shape, device="meta")
+    return any(fix(t.source.name, t.gguf_name, meta, plan.ctx) is not meta for fix in plan.spec.fixups)
+
+
+class StreamedTensor:
+    """Encoded tensor data produced chunk by chunk while it is written.
+
+    ``GGUFWriter.write_tensor_data`` only needs ``nbytes`` and ``tofile``; handing it this object
+    instead of an array means the encoded tensor never exists in memory as a whole.
+    """
+
+    def __init__(self, chunks: Iterator[np.ndarray], nbytes: int, on_chunk: Callable[[int], None] | None = None):
+        self.chunks, self.nbytes, self.on_chunk = chunks, nbytes, on_chunk
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for c in self.chunks:
+            c.tofile(fout)
+            written += c.nbytes
+            if self.on_chunk is not None:
+                self.on_chunk(c.nbytes)
+        if written != self.nbytes:
+            raise ConversionError(f"internal error: wrote {written} of {self.nbytes} bytes for a tensor")
+
+
+def encode_tensor(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None = None) -> np.ndarray:
+    """Bytes of one tensor in its planned type (``uint8``, ``t.nbytes`` long), all in memory."""
     x = load_tensor(plan, t)
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # [rows, cols]
     if t.decision.encoder is not None:
         out = np.asarray(t.decision.encoder(x2.contiguous()), dtype=np.uint8)
     else:
-        out = quantize(x2, t.ggml_type)
+        out = quantize(x2, t.ggml_type, n_threads=n_threads)
     del x, x2
     return out.reshape(-1)
+
+
+def tensor_data(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None = None,
+                on_chunk: Callable[[int], None] | None = None):
+    """What to hand the writer for one tensor: a :class:`StreamedTensor` when the tensor can be streamed.
+
+    Tensors no fix-up touches are streamed: row chunks are read from the file, converted and
+    encoded by the worker threads and written in order, so only a few chunks are in memory.
+    Fixed-up tensors (q/k permutation, norm offsets, trimming) and 1-D tensors are encoded whole.
+    """
+    if t.decision.encoder is None and len(t.shape) == 2 and not needs_fixup(plan, t):
+        rows, cols = t.shape
+
+        def chunks() -> Iterator[np.ndarray]:
+            with t.source.open_rows() as reader:
+                for _, enc in encode_row_chunks(reader.rows, rows, cols, t.ggml_type, n_threads):
+                    yield enc
+
+        return StreamedTensor(chunks(), t.nbytes, on_chunk)
+    data = encode_tensor(plan, t, n_threads)
+    if on_chunk is not None:
+        on_chunk(data.nbytes)
+    return data
 
 
 def _progress(total: int, enabled: bool):
@@ -286,7 +338,8 @@ def _progress(total: int, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
-def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: bool = True) -> Path:
+def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: bool = True,
+               n_threads: int | None = None) -> Path:
     """Write the planned GGUF to ``out`` through a temporary file in the same folder.
 
     Raises:
@@ -309,10 +362,7 @@ def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: b
         w.write_ti_data_to_file()
         with _progress(plan.nbytes, progress) as bar:
             for t in plan.tensors:
-                data = encode_tensor(plan, t)
-                w.write_tensor_data(data)
-                bar.update(data.nbytes)
-                del data
+                w.write_tensor_data(tensor_data(plan, t, n_threads, on_chunk=bar.update))
         w.close()
         os.replace(tmp, out)
     finally:
@@ -325,7 +375,7 @@ def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: b
 
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: str = "Q8_0", *,
             force: bool = False, policy: Policy = default_policy, progress: bool = False,
-            offline: bool | None = None) -> Path:
+            offline: bool | None = None, n_threads: int | None = None) -> Path:
     """Convert a checkpoint to GGUF (library entry point; the CLI is ``edgeinfer convert``).
 
     Args:
@@ -343,4 +393,4 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype:
         out = Path(out)
         if out.is_dir():
             out = out / default_output_name(plan)
-    return write_gguf(plan, out, force=force, progress=progress)
+    return write_gguf(plan, out, force=force, progress=progress, n_threads=n_threads)

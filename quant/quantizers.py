@@ -16,8 +16,11 @@ per-tensor type decision lives in ``policy.py``.
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 # An encoder: float32 [rows, cols] (cols % block_size == 0) -> uint8 [rows, cols/bs*ts] (torch or numpy).
 EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
-CHUNK_ELEMENTS = 1 << 22  # 4 Mi floats (16 MiB) per encoding step
+CHUNK_ELEMENTS = 1 << 20  # 1 Mi floats (4 MiB) per encoding step: stays in cache, bounds temporaries
 
 
 @dataclass(frozen=True)
@@ -74,47 +77,115 @@ def get_quant_type(ggml_type: T) -> QuantType:
     return REGISTRY[ggml_type]
 
 
-def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None = None) -> np.ndarray:
+def default_threads() -> int:
+    """Encoding workers: the CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def encode_row_chunks(read: Callable[[int, int], "torch.Tensor | np.ndarray"], rows: int, cols: int,
+                      ggml_type: T, n_threads: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode a ``[rows, cols]`` matrix read chunk by chunk; yield ``(r0, uint8 [r1-r0, row_bytes])`` in order.
+
+    ``read(r0, r1)`` returns float values ``[r1-r0, cols]``. Chunks of ~``CHUNK_ELEMENTS`` values
+    (cache-sized) are encoded by ``n_threads`` Python worker threads, each running torch
+    single-threaded: torch releases the GIL inside its kernels, and independent chunks scale
+    better than OpenMP's fork/join per operation (which spin-waits badly on a busy machine). At
+    most ``2 * n_threads`` chunks are in flight, so memory stays bounded.
+
+    Raises:
+        ValueError: ``cols`` is not a multiple of the type's block size.
+    """
+    qt = REGISTRY[ggml_type]
+    if cols % qt.block_size:
+        raise ValueError(f"{qt.name}: row length {cols} is not a multiple of the block size {qt.block_size}")
+    rb = qt.row_bytes(cols)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    starts = list(range(0, rows, step))
+
+    def work(r0: int) -> np.ndarray:
+        r1 = min(rows, r0 + step)
+        chunk = read(r0, r1)
+        if isinstance(chunk, np.ndarray):
+            chunk = torch.from_numpy(chunk)
+        enc = qt.encode(chunk.to(torch.float32).contiguous())  # [r1-r0, cols] -> [r1-r0, rb]
+        if isinstance(enc, torch.Tensor):
+            enc = enc.cpu().numpy()
+        return np.asarray(enc, dtype=np.uint8).reshape(r1 - r0, rb)
+
+    n_threads = max(1, min(n_threads or default_threads(), len(starts)))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if n_threads == 1:
+            for r0 in starts:
+                yield r0, work(r0)
+            return
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            pending: deque = deque()
+            it = iter(starts)
+            for r0 in it:
+                pending.append((r0, pool.submit(work, r0)))
+                if len(pending) >= 2 * n_threads:
+                    break
+            while pending:
+                r0, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(work, nxt)))
+                yield r0, fut.result()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def encode_rows(read: Callable[[int, int], "torch.Tensor | np.ndarray"], rows: int, cols: int, ggml_type: T,
+                out: np.ndarray | None = None, n_threads: int | None = None) -> np.ndarray:
+    """Like :func:`encode_row_chunks`, gathered into one ``uint8 [rows, row_bytes]`` array (``out`` if given)."""
+    qt = REGISTRY[ggml_type]
+    if out is None:
+        out = np.empty((rows, qt.row_bytes(cols) if cols % qt.block_size == 0 else 0), dtype=np.uint8)
+    for r0, enc in encode_row_chunks(read, rows, cols, ggml_type, n_threads):
+        out[r0:r0 + enc.shape[0]] = enc
+    return out
+
+
+def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None = None,
+             n_threads: int | None = None) -> np.ndarray:
     """Encode a float matrix with the registered encoder, in row chunks.
 
     Args:
         x: ``[rows, cols]`` (or 1-D ``[cols]``) values; converted to float32.
         ggml_type: target type; ``cols`` must be divisible by its block size.
         out: optional preallocated ``uint8 [rows, row_bytes]`` buffer.
+        n_threads: worker threads (default: all usable cores).
     Returns:
         ``uint8 [rows, row_bytes]`` numpy array (``[row_bytes]`` for 1-D input).
     Raises:
         ValueError: if ``cols`` is not a multiple of the block size.
     """
-    qt = REGISTRY[ggml_type]
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     one_d = x.ndim == 1
     x2 = x.reshape(1, -1) if one_d else x.reshape(-1, x.shape[-1])
     rows, cols = x2.shape
-    if cols % qt.block_size:
-        raise ValueError(f"{qt.name}: row length {cols} is not a multiple of the block size {qt.block_size}")
-    rb = qt.row_bytes(cols)
-    if out is None:
-        out = np.empty((rows, rb), dtype=np.uint8)
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    for r0 in range(0, rows, step):
-        chunk = x2[r0:r0 + step].to(torch.float32).contiguous()  # [r, cols]
-        enc = qt.encode(chunk)
-        if isinstance(enc, torch.Tensor):
-            enc = enc.cpu().numpy()
-        out[r0:r0 + chunk.shape[0]] = np.asarray(enc, dtype=np.uint8).reshape(chunk.shape[0], rb)
-    return out.reshape(rb) if one_d else out
+    res = encode_rows(lambda r0, r1: x2[r0:r1], rows, cols, ggml_type, out=out, n_threads=n_threads)
+    return res.reshape(-1) if one_d else res
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf`` (half away from zero), exactly: ``floor(a + 0.5)`` can round 0.49999997 up."""
+    """C ``roundf`` (half away from zero), exactly: ``floor(a + 0.5)`` can round 0.49999997 up.
+
+    ``a - floor(a)`` is exact, and ``floor(2 * frac)`` is 1 exactly when frac >= 0.5.
+    """
     a = x.abs()
     f = a.floor()
-    return torch.copysign(f + (2 * (a - f)).floor(), x)
+    a.sub_(f).mul_(2).floor_().add_(f)
+    return a.copysign_(x)
 
 
 def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:

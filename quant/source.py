@@ -48,26 +48,73 @@ class TensorRef:
     def n_elements(self) -> int:
         return math.prod(self.shape)
 
+    def _check_dtype(self) -> None:
+        if self.dtype not in ST_DTYPES:
+            raise ConversionError(
+                f"{self.file}: tensor {self.name!r} has dtype {self.dtype}; only F32, F16 and BF16 weights "
+                f"can be converted (re-save the checkpoint in one of those, e.g. torch_dtype=bfloat16)")
+
+    def open_rows(self) -> "RowReader":
+        """A context manager that maps this tensor and reads row ranges as float32."""
+        self._check_dtype()
+        return RowReader(self)
+
     def load_f32(self) -> torch.Tensor:
         """Read the tensor as float32 (one copy in memory; the map is released on return).
 
         Raises:
             ConversionError: unsupported dtype.
         """
-        if self.dtype not in ST_DTYPES:
-            raise ConversionError(
-                f"{self.file}: tensor {self.name!r} has dtype {self.dtype}; only F32, F16 and BF16 weights "
-                f"can be converted (re-save the checkpoint in one of those, e.g. torch_dtype=bfloat16)")
+        self._check_dtype()
         np_dtype, _ = ST_DTYPES[self.dtype]
         if self.n_elements == 0:
             return torch.zeros(self.shape, dtype=torch.float32)
         mm = np.memmap(self.file, dtype=np_dtype, mode="r", offset=self.start, shape=self.shape)
-        if self.dtype == "BF16":
-            out = (mm.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = np.array(mm, dtype=np.float32)
+        out = to_f32(mm, self.dtype)
         del mm  # the last reference: the map (and its resident pages) is released here
         return torch.from_numpy(out)
+
+
+def to_f32(a: np.ndarray, st_dtype: str) -> np.ndarray:
+    """Stored values (float32/float16/bf16-as-uint16) -> a new float32 array."""
+    if st_dtype == "BF16":
+        u = a.astype(np.uint32)
+        np.left_shift(u, 16, out=u)
+        return u.view(np.float32)
+    return np.array(a, dtype=np.float32)
+
+
+class RowReader:
+    """One 2-D tensor open for the duration of a ``with`` block; ``rows(r0, r1)`` -> float32 copy.
+
+    Rows are read with ``os.pread`` (thread-safe, releases the GIL) rather than through a memory
+    map, so file pages never count toward this process's resident memory.
+    """
+
+    def __init__(self, ref: TensorRef):
+        self.ref = ref
+        self.fd: int | None = None
+        self.np_dtype, self.itemsize = ST_DTYPES[ref.dtype]
+        self.cols = ref.shape[-1] if ref.shape else 1
+
+    def __enter__(self) -> "RowReader":
+        self.fd = os.open(self.ref.file, os.O_RDONLY)
+        return self
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        assert self.fd is not None
+        row_bytes = self.cols * self.itemsize
+        n = (r1 - r0) * row_bytes
+        raw = os.pread(self.fd, n, self.ref.start + r0 * row_bytes)
+        if len(raw) != n:
+            raise ConversionError(f"{self.ref.file}: tensor {self.ref.name!r} is truncated; re-download the file")
+        a = np.frombuffer(raw, dtype=self.np_dtype).reshape(r1 - r0, self.cols)
+        return to_f32(a, self.ref.dtype)  # [r1-r0, cols]
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass

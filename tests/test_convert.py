@@ -86,15 +86,15 @@ def test_interrupt_leaves_no_partial_file(llama_ckpt, tmp_path, monkeypatch):
     import edgeinfer.quant.convert as conv
 
     calls = {"n": 0}
-    real = conv.encode_tensor
+    real = conv.tensor_data
 
-    def flaky(plan, t):
+    def flaky(plan, t, *rest, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(plan, t)
+        return real(plan, t, *rest, **kw)
 
-    monkeypatch.setattr(conv, "encode_tensor", flaky)
+    monkeypatch.setattr(conv, "tensor_data", flaky)
     out = tmp_path / "m.gguf"
     assert cli(["convert", str(llama_ckpt), "-o", str(out)]) == 130
     print("files after Ctrl-C:", no_output_left(tmp_path))

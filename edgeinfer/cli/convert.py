@@ -57,12 +57,8 @@ def print_plan(plan, out) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from edgeinfer.quant.convert import default_output_name, plan_conversion, write_gguf
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     plan = plan_conversion(args.src, args.qtype, offline=getattr(args, "offline", None) or None)
     out = Path(args.output) if args.output else Path.cwd()
     if out.is_dir():
@@ -71,6 +67,6 @@ def main(args) -> int:
         print_plan(plan, out)
         return 0
     show = not args.no_progress and sys.stderr.isatty()
-    path = write_gguf(plan, out, force=args.force, progress=show)
+    path = write_gguf(plan, out, force=args.force, progress=show, n_threads=args.threads)
     print(f"wrote {path} ({_size(path.stat().st_size)}, {plan.qtype}, {len(plan.tensors)} tensors)")
     return 0
