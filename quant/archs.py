@@ -78,6 +78,7 @@ class ArchSpec:
     hparams: tuple[HparamWriter, ...] = ()
     extra_tensors: tuple[ExtraTensors, ...] = ()
     name_prefixes: tuple[str, ...] = field(default=())  # HF prefixes stripped before mapping
+    spm_add_space_prefix: bool | None = None  # force tokenizer.ggml.add_space_prefix for SentencePiece vocabs
 
     @property
     def gguf_arch_name(self) -> str:
@@ -257,7 +258,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), gguf.MODEL_ARCH.QWEN3, hparams=(common_hparams,)),
     ArchSpec("gemma3", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), ("gemma3_text", "gemma3"),
              gguf.MODEL_ARCH.GEMMA3, fixups=(trim_vocab, gemma_norm_plus_one, gemma3_query_scale),
-             hparams=(common_hparams, gemma3_hparams),
+             hparams=(common_hparams, gemma3_hparams), spm_add_space_prefix=False,
              name_prefixes=("model.language_model.", "language_model.model.", "language_model.")),
 )
 

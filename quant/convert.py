@@ -136,7 +136,7 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         if not isinstance(cfg.get(key), int):
             raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
     n_layers = int(cfg["num_hidden_layers"])
-    vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0))
+    vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0), spm_add_space_prefix=spec.spm_add_space_prefix)
     ctx = A.ArchContext(cfg, len(vocab))
     name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
     tie = bool(cfg.get("tie_word_embeddings", ck.config.get("tie_word_embeddings", False)))
@@ -223,8 +223,11 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
 def _metadata(plan: ConversionPlan) -> gguf.Metadata:
     ck = plan.checkpoint
     md = gguf.Metadata.load(None, ck.path, None, plan.n_params)
-    if plan.checkpoint.repo_id:
-        md.name = plan.checkpoint.repo_id.split("/")[-1]
+    if ck.repo_id:
+        # a hub snapshot folder is named by its commit hash: take the naming parts from the repo id
+        full, org, base, finetune, version, size = gguf.Metadata.get_model_id_components(ck.repo_id, plan.n_params)
+        md.name, md.organization, md.basename, md.finetune, md.version = full, org, base, finetune, version
+        md.size_label = size or md.size_label
     if md.name is None:
         md.name = ck.path.name
     if md.size_label is None:

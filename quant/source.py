@@ -231,8 +231,11 @@ def resolve_source(src: str, offline: bool | None = None) -> tuple[Path, str | N
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    # the cache location as the environment says now (huggingface_hub reads it once, at import)
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
     try:
-        folder = snapshot_download(src, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(src, allow_patterns=patterns, local_files_only=True, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - hub raises many types; any miss means "not cached"
         if offline:
             raise ConversionError(
@@ -240,7 +243,7 @@ def resolve_source(src: str, offline: bool | None = None) -> tuple[Path, str | N
                 f"(`edgeinfer pull {src}` or `huggingface-cli download {src}`)") from None
         log.info("%s not cached (%s); downloading", src, type(e).__name__)
         try:
-            folder = snapshot_download(src, allow_patterns=patterns)
+            folder = snapshot_download(src, allow_patterns=patterns, cache_dir=cache_dir)
         except Exception as e2:  # noqa: BLE001
             raise ConversionError(f"{src}: cannot download from the Hugging Face Hub ({e2})") from None
     return Path(folder), src

@@ -202,16 +202,26 @@ def load_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
     return Vocab("llama", tokens, [int(t) for t in types], scores=scores, special=special)
 
 
-def load_vocab(folder: Path, n_vocab: int, prefer_sentencepiece: bool = True) -> Vocab:
+def load_vocab(folder: Path, n_vocab: int, prefer_sentencepiece: bool = True,
+               spm_add_space_prefix: bool | None = None) -> Vocab:
     """The checkpoint's vocabulary, padded to at least ``n_vocab`` entries.
 
+    Args:
+        spm_add_space_prefix: an architecture's forced ``add_space_prefix`` (gemma3: False);
+            otherwise ``add_prefix_space`` from tokenizer_config.json when present.
     Raises:
         ConversionError: no tokenizer files, or an unsupported tokenizer.
     """
     has_spm = (folder / "tokenizer.model").is_file()
     has_json = (folder / "tokenizer.json").is_file()
     if has_spm and (prefer_sentencepiece or not has_json):
-        return load_sentencepiece(folder, n_vocab)
+        v = load_sentencepiece(folder, n_vocab)
+        cfg_file = folder / "tokenizer_config.json"
+        if spm_add_space_prefix is not None:
+            v.add_space_prefix = spm_add_space_prefix
+        elif cfg_file.is_file():
+            v.add_space_prefix = json.loads(cfg_file.read_text(encoding="utf-8")).get("add_prefix_space")
+        return v
     if has_json:
         return load_bpe(folder, n_vocab)
     raise ConversionError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer "

@@ -193,8 +193,9 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     """Fails if the converter keeps tensors alive or allocates far more than one tensor.
 
     12 layers of 256-wide llama: ~31 MB of float32 weights, the largest tensor 0.5 MB. We count
-    how many loaded source tensors are alive at once (weak references) and the peak of numpy's
-    traced allocations, which hold every loaded tensor and every encoded output.
+    how many source tensors are loaded whole and alive at once (weak references), how many are
+    open for streaming at once, and the peak of traced allocations (numpy buffers and the bytes
+    read from the files), which hold every loaded tensor, chunk and encoded output.
     """
     from edgeinfer.quant import source
     from edgeinfer.quant.convert import convert, plan_conversion
@@ -216,6 +217,21 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
         return x
 
     monkeypatch.setattr(source.TensorRef, "load_f32", tracked)
+    open_now, peak_open, streamed = [0], [0], [0]
+    real_enter, real_exit = source.RowReader.__enter__, source.RowReader.__exit__
+
+    def enter(self):
+        open_now[0] += 1
+        streamed[0] += 1
+        peak_open[0] = max(peak_open[0], open_now[0] + len(alive))
+        return real_enter(self)
+
+    def exit_(self, *exc):
+        open_now[0] -= 1
+        return real_exit(self, *exc)
+
+    monkeypatch.setattr(source.RowReader, "__enter__", enter)
+    monkeypatch.setattr(source.RowReader, "__exit__", exit_)
     tracemalloc.start()
     try:
         convert(folder, tmp_path / "deep.gguf", "F32")
@@ -223,8 +239,9 @@ def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     print(f"model {total / 2**20:.1f} MiB f32, largest tensor {largest / 2**20:.2f} MiB, "
-          f"peak traced {peak / 2**20:.2f} MiB, max source tensors alive {peak_alive[0]}")
-    assert peak_alive[0] <= 2
+          f"peak traced {peak / 2**20:.2f} MiB, max whole tensors alive {peak_alive[0]}, "
+          f"{streamed[0]} tensors streamed, max source tensors in use at once {peak_open[0]}")
+    assert peak_alive[0] <= 2 and peak_open[0] <= 2 and streamed[0] > 12 * 5
     assert peak < 4 * largest + 4 * 2**20 < total / 3
 
 
@@ -240,3 +257,43 @@ def test_safetensors_header_parser_rejects_overlapping_lengths(tmp_path):
     p.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(ConversionError, match="header length"):
         read_safetensors_header(p)
+
+
+def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
+    """gemma3's SentencePiece tokenizer: llama.cpp on our GGUF splits text exactly like sentencepiece."""
+    import sentencepiece as spm
+    from llama_cpp import Llama
+
+    from edgeinfer.quant.convert import convert
+
+    folder = _tiny_models.make_tiny_checkpoint("gemma3", tmp_path / "g")
+    path = convert(folder, tmp_path / "g.gguf", "Q8_0")
+    md = validate_gguf(path).metadata
+    assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.add_space_prefix"] is False
+    assert md["tokenizer.ggml.bos_token_id"] == 2 and md["tokenizer.ggml.eos_token_id"] == 1
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    texts = ["The quick brown fox", "café naïve 123 4567", "def add(a, b):\n    return a+b", "emoji 🚀 zürich ŁÓDŹ"]
+    for text in texts:
+        ours = llm.tokenize(text.encode(), add_bos=False, special=False)
+        ref = sp.encode(text)
+        print(ours == ref, len(ref), repr(text))
+        assert ours == ref
+
+
+def test_hub_repo_id_resolves_from_the_offline_cache(llama_ckpt, tmp_path, monkeypatch):
+    """SRC = owner/name found in the Hugging Face cache converts with --offline (no network)."""
+    import shutil
+
+    hf_home = tmp_path / "hf"
+    snap = hf_home / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(llama_ckpt, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert cli(["--offline", "convert", "acme/tiny-llama", "--qtype", "F16"]) == 0
+    files = no_output_left(tmp_path)
+    print(files)
+    assert len(files) == 1 and re.fullmatch(r"[Tt]iny-[Ll]lama-\d+(\.\d+)?K-F16\.gguf", files[0])
