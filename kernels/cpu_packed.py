@@ -35,8 +35,15 @@ T = gguf.GGMLQuantizationType
 
 #: Types with a packed CPU kernel.
 PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K)
+#: Rows converted at once when packing (elements), bounding load-time temporaries.
+ROW_CHUNK_ELEMS = 1 << 21
 #: Largest dequantized chunk (elements) the fallback path materializes at once (16 MiB of fp32).
 CHUNK_ELEMS = 1 << 22
+
+
+def can_pack(qtype: T, n: int, k: int) -> bool:
+    """Whether a [n, k] weight of ``qtype`` can take the packed path (the kernel wants N % 16 == 0)."""
+    return qtype in PACKED_TYPES and n % 16 == 0 and k % 32 == 0 and has_int4pack()
 
 
 def has_int4pack() -> bool:
@@ -117,6 +124,16 @@ class PackedCPU:
 
     def __init__(self, raw: torch.Tensor, qtype: T, n: int, k: int):
         self.qtype, self.n, self.k = qtype, n, k
+        # rows are packed independently, so large matrices are converted in row chunks
+        # (bounds the int32 temporaries the packing op needs: load peak ~ file size)
+        # the packed layout tiles rows by 64: chunks (all but the last) must be multiples of 64
+        step = max(64, ROW_CHUNK_ELEMS // k // 64 * 64)
+        parts = [self._pack(raw[r:r + step], min(step, n - r)) for r in range(0, n, step)]
+        self.planes = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts], dim=1))
+                       for i in range(len(parts[0]))]
+
+    def _pack(self, raw: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        qtype, k = self.qtype, self.k
         c, s, z = codes_scales(raw, qtype, n, k)
         if qtype in (T.Q4_0, T.Q4_1, T.Q4_K):
             planes = [(c, s, z + 8.0 * s)]
@@ -124,11 +141,26 @@ class PackedCPU:
             planes = [(c >> 4, 16.0 * s, z + 128.0 * s), (c & 15, s, 8.0 * s)]
         else:  # 5-bit: hi in {0, 1} stored as 8 + hi, so the zero stays z (no large offset to round)
             planes = [((c >> 4) + 8, 16.0 * s, z), (c & 15, s, 8.0 * s)]
-        self.planes = []
+        out = []
         for codes, sc, zero in planes:
             packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
             sz = torch.from_numpy(np.stack([sc.T, zero.T], axis=-1)).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
-            self.planes.append((packed, sz))
+            out.append((packed, sz))
+        return out
+
+    @classmethod
+    def concat(cls, parts: list["PackedCPU"]) -> "PackedCPU":
+        """One packed matrix whose rows are ``parts``' rows in order (same type and K): fused projections.
+
+        The packed layout tiles rows by 64, so every part but the last must have a multiple of 64 rows.
+        """
+        if any(p.n % 64 for p in parts[:-1]):
+            raise ValueError("only the last part of a fused matrix may have a row count not divisible by 64")
+        out = cls.__new__(cls)
+        out.qtype, out.k, out.n = parts[0].qtype, parts[0].k, sum(p.n for p in parts)
+        out.planes = [(torch.cat([p.planes[i][0] for p in parts]), torch.cat([p.planes[i][1] for p in parts], dim=1))
+                      for i in range(len(parts[0].planes))]
+        return out
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in self.planes)

@@ -64,7 +64,7 @@ class QuantLinear(nn.Module):
             dt = torch.float32 if dev == "cpu" else torch.float16
             self.weight = w.reshape(n, k).to(self.device, dt)
             self.path = "dense"
-        elif dev == "cpu" and self.qtype in cpu_packed.PACKED_TYPES and cpu_packed.has_int4pack():
+        elif dev == "cpu" and cpu_packed.can_pack(self.qtype, n, k):
             self.packed = cpu_packed.PackedCPU(raw, self.qtype, n, k)
             self.path = "cpu-packed"
         elif dev == "cuda" and self.qtype in _triton_types():
@@ -102,6 +102,45 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+
+class FusedLinear(nn.Module):
+    """Several :class:`QuantLinear` s that read the same input, computed as one matmul.
+
+    Built by :func:`fuse` (q/k/v, gate/up); returns the parts' outputs as a tuple. The parts give
+    their weights to this module (they are not called afterwards).
+    """
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__()
+        self.sizes = [p.out_features for p in parts]
+        self.in_features, self.out_features = parts[0].in_features, sum(self.sizes)
+        self.qtype = parts[0].qtype
+        self.packed = cpu_packed.PackedCPU.concat([p.packed for p in parts])
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
+        for p in parts:
+            p.packed, p.path = None, "fused"
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.sizes}, {self.qtype.name}, path=cpu-packed (fused)"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [..., K] -> one [..., N_i] float32 tensor per part."""
+        lead = x.shape[:-1]
+        y = self.packed.matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return tuple(t.reshape(*lead, t.shape[-1]) for t in y.split(self.sizes, dim=-1))
+
+
+def fuse(parts: list) -> FusedLinear | None:
+    """A :class:`FusedLinear` of ``parts`` if they share input size, type and the CPU packed path, else None."""
+    if not all(isinstance(p, QuantLinear) and p.path == "cpu-packed" for p in parts):
+        return None
+    if len({(p.qtype, p.in_features) for p in parts}) != 1 or any(p.out_features % 64 for p in parts[:-1]):
+        return None
+    return FusedLinear(parts)
 
 
 class QuantEmbedding(nn.Module):

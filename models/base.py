@@ -98,15 +98,15 @@ class Rope:
         if factors is not None:
             inv = inv / factors.to(torch.float64).cpu()
         ang = torch.outer(torch.arange(max_pos, dtype=torch.float64) * scale, inv)  # [P, n_rot/2]
-        self.cos = ang.cos().float().to(device)
-        self.sin = ang.sin().float().to(device)
+        self.cos = ang.cos().float()[:, None, :].to(device)  # [P, 1, n_rot/2]
+        self.sin = ang.sin().float()[:, None, :].to(device)
         self.n_rot, self.style = n_rot, style
 
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x: [B, S, H, D] -> same, positions pos0 .. pos0+S-1."""
         s = x.shape[1]
-        c = self.cos[pos0:pos0 + s][None, :, None, :]  # [1, S, 1, n_rot/2]
-        sn = self.sin[pos0:pos0 + s][None, :, None, :]
+        c = self.cos[pos0:pos0 + s]  # [S, 1, n_rot/2], broadcasts over [B, S, H, n_rot/2]
+        sn = self.sin[pos0:pos0 + s]
         xr, rest = x[..., :self.n_rot], x[..., self.n_rot:]
         if self.style == "norm":
             x0, x1 = xr[..., 0::2], xr[..., 1::2]
@@ -189,15 +189,17 @@ class Attention(nn.Module):
         self.qk_norm = a.qk_norm
         self.scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
         self.window = a.sliding_window if a.is_swa(layer) else 0
+        self.qkv = None  # optional fused q/k/v projection returning (q, k, v), set by a loader
         self.rope: Rope | None = None  # set by Transformer.setup
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x: [1, S, dim] -> [1, S, dim]."""
         b, s, _ = x.shape
-        q = self.attn_q(x).view(b, s, self.n_head, self.hd)  # [B, S, H, D]
-        k = self.attn_k(x).view(b, s, self.n_kv, self.hd)
-        v = self.attn_v(x).view(b, s, self.n_kv, self.hd)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.attn_q(x), self.attn_k(x), self.attn_v(x))
+        q = q.view(b, s, self.n_head, self.hd)  # [B, S, H, D]
+        k = k.view(b, s, self.n_kv, self.hd)
+        v = v.view(b, s, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k = self.rope(q, pos0), self.rope(k, pos0)
@@ -224,9 +226,11 @@ class MLP(nn.Module):
         self.ffn_up = nn.Linear(a.dim, a.ffn_dim, bias=False)
         self.ffn_down = nn.Linear(a.ffn_dim, a.dim, bias=False)
         self.act = F.silu if a.act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        self.gate_up = None  # optional fused projection returning (gate, up), set by a loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.ffn_gate(x), self.ffn_up(x))
+        return self.ffn_down(self.act(gate) * up)
 
 
 class Transformer(nn.Module):

@@ -152,3 +152,26 @@ def test_quant_linear_paths_and_bias():
     emb = QuantEmbedding(torch.from_numpy(raw), T.Q8_0, 64)
     ids = torch.tensor([[3, 49, 0]])
     assert torch.equal(emb(ids)[0], torch.from_numpy(gguf.quants.dequantize(raw, T.Q8_0))[[3, 49, 0]])
+
+
+def test_packed_row_chunks_and_fusion_are_exact(monkeypatch):
+    # Packing a large matrix in row chunks, or several matrices fused into one, must give the
+    # very same products as packing each matrix whole (same kernel, same bits): exact equality.
+    from edgeinfer.kernels.qlinear import QuantLinear, fuse
+
+    n, k = 64 * 5 + 16, 256
+    raw = torch.from_numpy(random_blocks(T.Q8_0, n, k, seed=9, scale=0.02))
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    whole = cpu_packed.PackedCPU(raw, T.Q8_0, n, k).matmul(x)
+    monkeypatch.setattr(cpu_packed, "ROW_CHUNK_ELEMS", 64 * k)
+    chunked = cpu_packed.PackedCPU(raw, T.Q8_0, n, k).matmul(x)
+    assert torch.equal(whole, chunked)
+    sizes = [128, 64, 144]
+    parts = [QuantLinear(raw[a:a + m], T.Q8_0, m, k) for a, m in zip([0, 128, 192], sizes)]
+    singles = torch.cat([p(x) for p in parts], dim=-1)
+    fused = fuse(parts)
+    assert fused is not None and all(p.path == "fused" for p in parts)
+    outs = fused(x)
+    print(f"fused {sizes} vs separate: max diff {(torch.cat(outs, -1) - singles).abs().max():.1e}")
+    assert [o.shape[-1] for o in outs] == sizes and torch.equal(torch.cat(outs, -1), singles)
+    assert fuse([QuantLinear(raw[:80], T.Q8_0, 80, k), QuantLinear(raw[80:96], T.Q8_0, 16, k)]) is None

@@ -25,7 +25,7 @@ from torch import nn
 from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.gguf_check import GGUFFile, validate_gguf
 from edgeinfer.kernels.dequant import SUPPORTED, dequantize, row_bytes
-from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear
+from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear, fuse
 from edgeinfer.models.base import Transformer, module_path
 from edgeinfer.models.registry import architecture
 
@@ -148,6 +148,10 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     if unknown:
         log.warning("%s: ignoring tensors %s", path, sorted(unknown)[:8])
     model.load_state_dict({k: floats[k] for k in expected}, strict=False, assign=True)
+    for layer in model.layers:  # one matmul for q/k/v and one for gate/up where the kernels allow
+        a, f = layer.attn, layer.ffn
+        a.qkv = fuse([a.attn_q, a.attn_k, a.attn_v])
+        f.gate_up = fuse([f.ffn_gate, f.ffn_up])
     _release_pages(mm)
     cache_dtype = torch.float32 if device.type == "cpu" else torch.float16
     model.setup(n_ctx, device, cache_dtype)
