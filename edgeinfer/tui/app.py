@@ -8,6 +8,7 @@ worker, and tokens come back as messages (:mod:`edgeinfer.tui.session`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,14 @@ from edgeinfer.tui.widgets.prompt_input import PromptInput
 from edgeinfer.tui.widgets.sidebar import Sidebar
 from edgeinfer.tui.widgets.status_bar import StatusBar
 
-RENDER_INTERVAL_S = 1 / 15  # streamed text is redrawn at most this often
+# Streamed text is redrawn at an adaptive rate: every redraw re-lays out the screen (~10 ms of
+# Python on a slow CPU), time the decode threads need. The UI thread aims at UI_CPU_SHARE of one
+# core: interval = CPU used since the last redraw / UI_CPU_SHARE, within [RENDER_MIN_S, RENDER_MAX_S].
+RENDER_TICK_S = 0.05
+RENDER_MIN_S = 0.1
+RENDER_MAX_S = 1.0
+UI_CPU_SHARE = 0.03
+GEN_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over while generating: the decode thread waits less on the UI
 NEW_TITLE = "New chat"
 
 
@@ -138,7 +146,9 @@ class ChatApp(App):
         if self.memory_poll_s > 0:
             self.set_interval(self.memory_poll_s, self._poll_memory)
         self.prompt.focus()
-        self._render_timer = self.set_interval(RENDER_INTERVAL_S, self._render_reply, pause=True)
+        self._render_timer = self.set_interval(RENDER_TICK_S, self._render_tick, pause=True)
+        self._next_render = 0.0
+        self._cpu_mark = time.thread_time()
 
     def _create_conversation(self) -> Conversation:
         return self.store.create_conversation(NEW_TITLE, system_prompt=self.default_system, model=self.default_model,
@@ -260,6 +270,16 @@ class ChatApp(App):
             return None
         return (self._n_tokens - self._n_first) / (self._t_last - self._t_first)
 
+    def _render_tick(self) -> None:
+        now = time.perf_counter()
+        if not self._dirty or now < self._next_render:
+            return
+        cpu = time.thread_time()
+        used = cpu - self._cpu_mark  # this thread's CPU since the last redraw (redraw + layout + messages)
+        self._render_reply()
+        self._cpu_mark = time.thread_time()
+        self._next_render = now + min(RENDER_MAX_S, max(RENDER_MIN_S, used / UI_CPU_SHARE))
+
     def _render_reply(self) -> None:
         if not self._dirty or self._reply is None:
             return
@@ -272,6 +292,7 @@ class ChatApp(App):
         if job is None or msg.job_id != job.id:
             return
         self._render_timer.pause()
+        sys.setswitchinterval(self._saved_switch)
         self.job = None
         view, self._reply = self._reply, None
         self.last_done = msg.done
@@ -333,7 +354,11 @@ class ChatApp(App):
         self._prompt_tokens = 0
         self._t_sent = time.perf_counter()
         self.status.set(state="generating…", tok_s=None, ttft_s=None)
+        self._next_render = 0.0
+        self._cpu_mark = time.thread_time()
         self._render_timer.resume()
+        self._saved_switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._saved_switch, GEN_SWITCH_INTERVAL_S))
         self._generate_worker(self.job)
 
     # -- actions -------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from edgeinfer.tui.context import count_tokens, fit_to_context
 
 log = logging.getLogger(__name__)
 
+POST_INTERVAL_S = 0.1  # the worker sends text to the UI at most this often (the first token at once)
+
 Loader = Callable[[str, str, LoadOptions], Backend]  # (model name, backend name, options) -> Backend
 
 
@@ -134,14 +136,23 @@ class ModelHost:
                 return
             done = None
             n = 0
+            pending: list[str] = []
+            t_post = 0.0
             for ev in b.generate(fitted.messages, job.params):
                 if job.cancel.is_set():
                     b.cancel()  # generate() clears the flag when it starts; set it again
                 if isinstance(ev, DoneEvent):
                     done = ev
-                else:
-                    n += 1
-                    post(TokenChunk(job.id, ev.text, n, time.perf_counter()))
+                    continue
+                n += 1
+                pending.append(ev.text)
+                now = time.perf_counter()
+                if n == 1 or now - t_post >= POST_INTERVAL_S:  # batch: fewer wake-ups of the UI thread
+                    post(TokenChunk(job.id, "".join(pending), n, now))
+                    pending.clear()
+                    t_post = now
+            if pending:
+                post(TokenChunk(job.id, "".join(pending), n, time.perf_counter()))
             post(GenerationDone(job.id, done))
         except EdgeinferError as e:
             post(GenerationDone(job.id, None, str(e)))

@@ -1,0 +1,90 @@
+"""The TUI's pure logic: reasoning markers, history building, context trimming, status formatting."""
+
+from __future__ import annotations
+
+import pytest
+
+from _tui_fake import FakeBackend
+from edgeinfer.tui.context import fit_to_context, history_messages, reply_reserve
+from edgeinfer.tui.reasoning import REASONING_MARKERS, split_reasoning, strip_reasoning
+from edgeinfer.tui.screens.settings import parse_params
+from edgeinfer.tui.widgets.chat_view import code_blocks
+from edgeinfer.tui.widgets.status_bar import Status, format_status
+
+
+@pytest.mark.parametrize("m", REASONING_MARKERS, ids=lambda m: m.family)
+def test_every_marker_family_splits_and_strips(m):
+    text = f"{m.open}\nweigh options\n{m.close}The answer."
+    segs = split_reasoning(text)
+    assert [(s.kind, s.text, s.closed) for s in segs] == [("thinking", "weigh options", True),
+                                                          ("answer", "The answer.", True)]
+    assert strip_reasoning(text) == "The answer."
+
+
+def test_streaming_prefixes_never_leak_markers():
+    text = "<think>plan a b</think>Final words here."
+    for k in range(len(text) + 1):
+        segs = split_reasoning(text[:k], streaming=True)
+        shown = " ".join(s.text for s in segs)
+        assert "<" not in shown and ">" not in shown, (k, shown)
+        if "<think>" in text[:k] and "</think>" not in text[:k]:
+            assert segs[-1].kind == "thinking" and not segs[-1].closed
+
+
+def test_gemma4_channel_and_multiple_blocks():
+    text = "<|channel>thought\nfirst<channel|>A1 <think>second</think> A2"
+    segs = split_reasoning(text)
+    assert [(s.kind, s.text) for s in segs] == [("thinking", "first"), ("answer", "A1 "), ("thinking", "second"),
+                                                ("answer", " A2")]
+    assert strip_reasoning(text) == "A1 \n\n A2".strip()
+
+
+def test_history_strips_reasoning_and_empty_replies():
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>x</think>a1"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>only thinking"},
+             {"role": "user", "content": "q3"}]
+    out = history_messages("sys", turns)
+    assert out == [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+                   {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                   {"role": "user", "content": "q3"}]
+    assert history_messages("  ", turns[:1]) == [{"role": "user", "content": "q1"}]
+
+
+def test_fit_drops_whole_turns_keeps_system_and_last_question():
+    b = FakeBackend()
+    msgs = [{"role": "system", "content": "s " * 10}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"u{i} " + "x " * 30}, {"role": "assistant", "content": f"a{i} " + "y " * 30}]
+    msgs.append({"role": "user", "content": "final"})
+    f = fit_to_context(b, msgs, n_ctx=300, max_tokens=50)
+    print(f"dropped {f.dropped} messages; prompt {f.prompt_tokens} tokens of budget {300 - 50}")
+    assert f.fits and f.prompt_tokens <= 250 and f.dropped > 0 and f.dropped % 2 == 0
+    assert f.messages[0] == msgs[0] and f.messages[-1] == msgs[-1] and f.messages[1]["role"] == "user"
+    assert f.messages[1:] == msgs[1 + f.dropped:]
+    # nothing to drop but still too long: reported, not raised
+    huge = [{"role": "user", "content": "z " * 500}]
+    g = fit_to_context(b, huge, n_ctx=300, max_tokens=50)
+    assert not g.fits and g.dropped == 0
+    assert reply_reserve(4096, -1) == 1024 and reply_reserve(100, 512) == 50
+
+
+def test_status_fits_80_columns():
+    s = Status("SmolLM2 135M Instruct (a long general.name)", "Q4_1", "llama.cpp", "cpu", 120, 4096, 0.21, 153.2,
+               300 * 2**20, 2**31, "generating…")
+    wide = format_status(s, 200)
+    assert "\n" not in wide and "153.2 tok/s" in wide and "VRAM 2.0 GiB" in wide
+    narrow = format_status(s, 78)
+    lines = narrow.split("\n")
+    print(narrow)
+    assert len(lines) == 2 and all(len(x) <= 78 for x in lines)
+    assert "153.2 tok/s" in lines[1] and "llama.cpp/cpu" in lines[0]
+
+
+def test_code_blocks_and_param_parsing():
+    assert code_blocks("a\n```py\nx = 1\n```\nb\n```\nopen") == ["x = 1", "open"]
+    p = parse_params({"temperature": "0", "top_k": "40", "top_p": "1", "min_p": "0", "repeat_penalty": "1.1",
+                      "max_tokens": "-1", "seed": ""})
+    assert p["seed"] is None and p["temperature"] == 0.0 and p["max_tokens"] == -1
+    with pytest.raises(ValueError, match="top-k"):
+        parse_params({**{k: "1" for k in ("temperature", "top_p", "min_p", "repeat_penalty", "max_tokens")},
+                      "top_k": "many", "seed": "1"})
