@@ -55,24 +55,29 @@ def test_random_tensors_match_gguf_reference(qtype):
         assert bad == 0
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_real_tensors_match_gguf_reference(default_gguf, qtype):
-    """Weights of the default model (dequantized from its GGUF) re-quantized both ways."""
+@pytest.fixture(scope="module")
+def real_weights(default_gguf) -> dict[str, np.ndarray]:
+    """A few weights of the default model (first 2048 rows, dequantized from its GGUF), read once."""
     reader = gguf.GGUFReader(str(default_gguf))
-    wanted = {"token_embd.weight", "blk.0.attn_q.weight", "blk.7.ffn_down.weight"}
-    seen = 0
+    out = {}
     for t in reader.tensors:
-        if t.name not in wanted:
-            continue
-        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))[:2048]
-        w = np.ascontiguousarray(w, dtype=np.float32)
+        if t.name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.7.ffn_down.weight"):
+            raw = np.asarray(t.data)[:2048]  # rows of blocks
+            w = gguf.quants.dequantize(raw, t.tensor_type).reshape(-1, int(t.shape[0]))
+            out[t.name] = np.ascontiguousarray(w, dtype=np.float32)
+    assert len(out) == 3
+    return out
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_real_tensors_match_gguf_reference(real_weights, qtype):
+    """Weights of the default model re-quantized both ways."""
+    for name, w in real_weights.items():
         ours = quantize(torch.from_numpy(w), qtype)
         ref = gguf.quants.quantize(w, qtype).view(np.uint8).reshape(ours.shape)
         bad = diff_blocks(ours, ref, qtype)
-        print(f"{qtype.name} {t.name} {w.shape}: {bad} differing blocks")
+        print(f"{qtype.name} {name} {w.shape}: {bad} differing blocks")
         assert bad == 0
-        seen += 1
-    assert seen == len(wanted)
 
 
 def test_registry_geometry_and_chunking():
