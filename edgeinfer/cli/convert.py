@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgeinfer.cli.args import _num
+
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
 
@@ -20,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output .gguf file or folder (default: <Name>-<Size>-<QTYPE>.gguf in the current folder)")
     p.add_argument("--qtype", default="Q8_0", type=str.upper, choices=QTYPES, help="tensor type (default Q8_0)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, size, bits/weight) and exit")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for encoding (default: all cores)")
+    p.add_argument("--threads", type=_num(int, 1), default=None, help="CPU threads for encoding (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
