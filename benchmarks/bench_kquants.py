@@ -1,6 +1,6 @@
 """K-quant encoder throughput vs Q8_0, and the encode time of whole-model recipes.
 
-Usage:  python benchmarks/bench_kquants.py [--reps 3] [--threads N]
+Usage:  python benchmarks/bench_kquants.py [--reps 3] [--threads N] [--baseline OLD_KQUANTS.py]
 
 Prints (medians of ``--reps`` runs, MB/s of float32 input):
 1. each K type (edgeinfer.quant.kquants, plain and with an imatrix), single-threaded and
@@ -10,12 +10,17 @@ Prints (medians of ``--reps`` runs, MB/s of float32 input):
    the Q4_K_M, Q5_K_M and Q6_K recipes (``quant/recipes.py``, each type with the
    converter's registered encoder) vs the Q8_0 recipe and vs gguf's numpy Q8_0 encoder
    on all matrices (a baseline that does not depend on torch's thread pool).
-The machine may be shared: figures vary; compare the ratios within one run.
+With ``--baseline`` (a self-contained older copy of ``kquants.py``, e.g. from
+``git show REV:quant/kquants.py``) table 1 also times that copy, interleaved run by run
+with the current one, and first checks that both write identical bytes.
+The machine may be shared: figures vary (the load average is printed); compare the
+ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -34,7 +39,26 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def encoder_table(reps: int, threads: int) -> None:
+def _load_baseline(path: str):
+    """Import an older kquants.py from a file (it must only need numpy and gguf)."""
+    spec = importlib.util.spec_from_file_location("kquants_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _median_times(fns: list, reps: int) -> list[float]:
+    """Median wall time of each function, the functions interleaved within each repetition."""
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in ts]
+
+
+def encoder_table(reps: int, threads: int, baseline: str | None) -> None:
     from edgeinfer.quant import quantizers
     from edgeinfer.quant.kquants import K_TYPES, quantize_k
 
@@ -42,17 +66,32 @@ def encoder_table(reps: int, threads: int) -> None:
     x = (rng.standard_normal((1536, 2048)) * 0.02).astype(np.float32)
     imatrix = (rng.standard_normal(2048) ** 2).astype(np.float32)
     mb = x.nbytes / 1e6
-    print(f"matrix [1536, 2048] float32 = {mb:.1f} MB; threads for the multi-thread column: {threads}")
+    print(f"matrix [1536, 2048] float32 = {mb:.1f} MB; threads for the multi-thread column: {threads}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     q8_gguf = mb / _median_time(lambda: gguf.quants.quantize(x, QT.Q8_0), reps)
     q8_torch = mb / _median_time(lambda: quantizers.quantize(x, QT.Q8_0), reps)
     print(f"{'Q8_0 gguf numpy':24s} {q8_gguf:8.1f} MB/s")
     print(f"{'Q8_0 edgeinfer torch':24s} {q8_torch:8.1f} MB/s")
+    old = _load_baseline(baseline) if baseline else None
+    if old:
+        print(f"MB/s, medians of {reps} interleaved runs: baseline {baseline} -> current")
     for qt in K_TYPES:
         for name, im in (("", None), ("+imatrix", imatrix)):
-            t1 = _median_time(lambda: quantize_k(x, qt, im, n_threads=1), reps)
-            tn = _median_time(lambda: quantize_k(x, qt, im, n_threads=threads), reps)
-            print(f"{qt.name + name:24s} {mb / t1:8.1f} MB/s (1 thread)  {mb / tn:8.1f} MB/s ({threads} threads)"
-                  f"  Q8_0(torch)/this = {q8_torch * tn / mb:5.1f}x")
+            fns = [lambda: quantize_k(x, qt, im, n_threads=1), lambda: quantize_k(x, qt, im, n_threads=threads)]
+            if old:
+                same = np.array_equal(old.quantize_k(x[:64], qt, im), quantize_k(x[:64], qt, im))
+                fns += [lambda: old.quantize_k(x, qt, im, n_threads=1),
+                        lambda: old.quantize_k(x, qt, im, n_threads=threads)]
+            t = _median_times(fns, reps)
+            line = f"{qt.name + name:14s}"
+            if old:
+                line += (f" 1 thread {mb / t[2]:6.1f} -> {mb / t[0]:6.1f} ({t[2] / t[0]:4.2f}x)   {threads} threads "
+                         f"{mb / t[3]:6.1f} -> {mb / t[1]:6.1f} ({t[3] / t[1]:4.2f}x)  bytes identical: {same}")
+            else:
+                line += f" {mb / t[0]:8.1f} MB/s (1 thread)  {mb / t[1]:8.1f} MB/s ({threads} threads)"
+            print(line + f"  Q8_0(torch)/this = {q8_torch * t[1] / mb:5.1f}x")
+        if old:
+            print(f"  (load average {os.getloadavg()[0]:.1f})")
 
 
 def model_table(reps: int) -> None:
@@ -69,7 +108,8 @@ def model_table(reps: int) -> None:
                for t in r.tensors}
     shapes = [(n, tuple(reversed(a.shape))) for n, a in tensors.items()]
     total_mb = sum(a.nbytes for a in tensors.values()) / 1e6
-    print(f"\ndefault model: {len(tensors)} tensors, {total_mb:.0f} MB float32")
+    print(f"\ndefault model: {len(tensors)} tensors, {total_mb:.0f} MB float32; load average "
+          f"{os.getloadavg()[0]:.1f}")
     mats = [a.reshape(-1, a.shape[-1]) for a in tensors.values() if a.ndim >= 2]
     base = _median_time(lambda: [gguf.quants.quantize(m, QT.Q8_0) for m in mats], reps)
     print(f"all matrices Q8_0 with gguf's numpy encoder (stable baseline): {base:.2f} s")
@@ -100,8 +140,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--baseline", help="an older kquants.py to time against (table 1)")
     args = ap.parse_args()
-    encoder_table(args.reps, args.threads)
+    encoder_table(args.reps, args.threads, args.baseline)
     if not args.skip_model:
         model_table(args.reps)
 

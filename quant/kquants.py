@@ -1,22 +1,13 @@
 """K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), byte-identical to llama.cpp.
 
 Reference: ggml/src/ggml-quants.c (``quantize_row_qX_K_ref`` without an importance
-matrix, ``quantize_row_qX_K_impl`` with one; ``make_qx_quants``, ``make_q3_quants``,
-``make_qkx2_quants``/``make_qkx3_quants``, ``make_qp_quants``, ``nearest_int``).
-The algorithms are re-derived here in vectorised numpy: every block is processed at
-once, the short per-group loops (16 or 32 values) run as Python loops over whole
-columns, and every accumulation follows C's order and float32 rounding:
-
-* group data lives in ``[n, G]`` arrays (value index first, one column per group), so
-  ``np.add.reduce(axis=0)`` adds the rows one after another like C's ``for`` loop
-  (numpy's pairwise summation only applies along a contiguous reduction axis);
-* every constant is a float32 and integers are converted to float32 before they meet
-  a float, so nothing is promoted to float64;
-* ``nearest_int`` (C's "add 1.5*2^23" trick) rounds to nearest, ties to even, which is
-  ``np.rint`` for every |value| < 2^22 (the trick's own valid range); where C stores the
-  unclamped int in a uint8/int8, the trick itself is replayed (``_nint_i``);
-* the searches keep the winning candidate's parameters and rebuild its levels once;
-* fp16 scales round to nearest-even (numpy's conversion, like ggml's).
+matrix, ``quantize_row_qX_K_impl`` with one).  The per-group scale searches
+(``make_qx_quants`` and friends) live in :mod:`edgeinfer.quant.kquants_search`, which
+documents how C's float32 order is kept; this module builds the blocks around them:
+super-block scales (fp16, nearest-even like ggml), 6/8-bit sub-block scales, the final
+re-quantization against the stored scales, and the bit packing.  Rows are cut into
+chunks of ``_CHUNK_BLOCKS`` blocks (a cache-sized working set) that a thread pool
+encodes in parallel (numpy releases the GIL).
 
 The public entry point is :func:`quantize_k` (rows of float32 in, GGUF block bytes out).
 """
@@ -29,264 +20,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
+from .kquants_search import (F32, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i,
+                             _seqsum, make_q3, make_qkx, make_qp, make_qx)
+
 QK_K = 256
-F32 = np.float32
-_MAGIC = F32(12582912.0)      # 1.5 * 2**23: adding it rounds a float32 to an integer
-_GROUP_MAX_EPS = F32(1e-15)   # ggml's GROUP_MAX_EPS
 
 
 class KQuantError(ValueError):
     """Input that a K-quant encoder cannot take (wrong shape, dtype, imatrix size)."""
-
-
-# --------------------------------------------------------------------------- primitives
-
-def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum ``a`` [n, G] over axis 0 strictly in order a[0] + a[1] + ... (C loop order)."""
-    if a.shape[1] > 1 and a.flags.c_contiguous:
-        return np.add.reduce(a, axis=0)
-    out = a[0].copy()
-    for i in range(1, a.shape[0]):
-        out += a[i]
-    return out
-
-
-def _biased(v: np.ndarray) -> np.ndarray:
-    """float32(v + 1.5*2^23): the integer nearest to v (ties to even), plus the bias."""
-    return np.add(v, _MAGIC, dtype=F32)
-
-
-def _nint(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """clamp(nearest_int(v), lo, hi) as float32.
-
-    For |v| < 2^22 (where C's trick is valid) adding 1.5*2^23 rounds exactly like
-    ``rint`` (nearest, ties to even), so the faster ``rint`` is used.
-    """
-    r = np.rint(v)
-    np.clip(r, F32(lo), F32(hi), out=r)
-    return r
-
-
-def _nint_i(v: np.ndarray) -> np.ndarray:
-    """nearest_int(v) exactly as C computes it (int32, no clamp)."""
-    return (_biased(v).view(np.int32) & 0x007FFFFF) - 0x00400000
-
-
-def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GGML_FP32_TO_FP16 then back: (uint16 bits, float32 value)."""
-    h = np.asarray(v, dtype=F32).astype(np.float16)
-    return h.view(np.uint16), h.astype(F32)
-
-
-def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of x [n, G]: (largest |x|, the signed x where it first occurs)."""
-    ax = np.abs(x)
-    idx = np.argmax(ax, axis=0)
-    cols = np.arange(x.shape[1])
-    return ax[idx, cols], x[idx, cols]
-
-
-def _div(a, b):
-    """a / b in float32 with division-by-zero silenced (masked out by the caller)."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return np.divide(a, b, dtype=F32)
-
-
-# ------------------------------------------------------------------ per-group searches
-
-def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` for every column of x [n, G].
-
-    ``w`` is the weight per value (``x*x`` when the C code gets ``qw == NULL``).
-    Returns (scale [G], L [n, G] float32 in 0..2*nmax-1, the offset form C stores).
-    """
-    amax, vmax = _first_absmax(x)
-    zero = amax < _GROUP_MAX_EPS
-    vmax = np.where(zero, F32(1), vmax)
-    with np.errstate(all="ignore"):
-        iscale = F32(-nmax) / vmax
-        wx = w * x
-        l = np.empty_like(x)
-        t = np.empty_like(x)
-
-        def levels(isc):                      # l = clamp(nearest_int(isc * x), -nmax, nmax-1)
-            np.multiply(x, isc, out=l)
-            np.rint(l, out=l)
-            np.clip(l, F32(-nmax), F32(nmax - 1), out=l)
-
-        levels(iscale)
-        sumlx = _seqsum(np.multiply(wx, l, out=t))
-        suml2 = _seqsum(np.multiply(np.multiply(w, l, out=t), l, out=t))
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        win = iscale                          # L is rebuilt from the winning iscale at the end
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            isc = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-            levels(isc)
-            slx = _seqsum(np.multiply(wx, l, out=t))
-            sl2 = _seqsum(np.multiply(np.multiply(w, l, out=t), l, out=t))
-            upd = (sl2 > 0) & (slx * slx > best * sl2)
-            win = np.where(upd, isc, win)
-            scale = np.where(upd, slx / sl2, scale)
-            best = np.where(upd, scale * slx, best)
-        levels(win)
-    L = l + F32(nmax)
-    L[:, zero] = 0
-    return np.where(zero, F32(0), scale).astype(F32), L
-
-
-def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for every column of x [n, G].
-
-    Greedy coordinate descent: up to 5 passes, each value in order.  A pass that
-    changes nothing leaves the state unchanged, so running all 5 for every column
-    equals C's early exit.  Returns (scale [G], L [n, G] float32 offset by nmax).
-    """
-    amax, vmax = _first_absmax(x)
-    zero = amax < _GROUP_MAX_EPS
-    vmax = np.where(zero, F32(1), vmax)
-    with np.errstate(all="ignore"):
-        l = _nint((F32(-nmax) / vmax) * x, -nmax, nmax - 1)
-        w = x * x
-        wx = w * x
-        sumlx = _seqsum(wx * l)
-        suml2 = _seqsum((w * l) * l)
-        for _ in range(5):
-            for i in range(x.shape[0]):
-                li = l[i]
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - (w[i] * li) * li
-                new = _nint(_div(x[i] * sl2, slx), -nmax, nmax - 1)
-                slx2 = slx + wx[i] * new
-                sl22 = sl2 + (w[i] * new) * new
-                take = ((slx > 0) & (new != li) & (sl22 > 0)
-                        & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
-                l[i] = np.where(take, new, li)
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
-        scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
-    L = l + F32(nmax)
-    L[:, zero] = 0
-    return np.where(zero, F32(0), scale).astype(F32), L
-
-
-def _make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-              nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml ``make_qkx2_quants`` / ``make_qkx3_quants`` (identical once weights are given).
-
-    Asymmetric scale+min search for every column of x [n, G] with weights w [n, G].
-    Returns (scale [G], the_min [G] (= -min, >= 0), L [n, G] float32 in 0..nmax).
-    Note C's ``min`` moves when a candidate wins, and later candidates use the new one.
-    The loop body works in place in three scratch buffers (this is the hot loop).
-    """
-    mn = np.minimum(x.min(axis=0), F32(0))
-    mx = x.max(axis=0)
-    flat = mx <= mn
-    sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
-    la, wl, t = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-
-    def levels(iscale):                       # la = clamp(nearest_int(iscale*(x - mn)))
-        np.subtract(x, mn, out=la)
-        np.multiply(la, iscale, out=la)
-        np.rint(la, out=la)
-        np.clip(la, F32(0), F32(nmax), out=la)
-
-    def err(scale, vmin):                     # sum_i w*(scale*la + vmin - x)^2 (or |.|)
-        np.multiply(la, scale, out=t)
-        np.add(t, vmin, out=t)
-        np.subtract(t, x, out=t)
-        if use_mad:
-            np.abs(t, out=t)
-        else:
-            np.multiply(t, t, out=t)
-        np.multiply(t, w, out=t)
-        return _seqsum(t)
-
-    with np.errstate(all="ignore"):
-        iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
-        scale = F32(1) / iscale
-        levels(iscale)
-        best = err(scale, mn)
-        # the winner's L is rebuilt at the end from the (iscale, min) it was made with,
-        # which is cheaper than copying L at every improvement
-        win_iscale, win_mn = iscale, mn
-        for step in range(nstep + 1):
-            num = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
-            iscale = num / (mx - mn)
-            levels(iscale)
-            np.multiply(w, la, out=wl)
-            sum_l = _seqsum(wl)
-            sum_l2 = _seqsum(np.multiply(wl, la, out=t))
-            sum_xl = _seqsum(np.multiply(wl, x, out=t))
-            D = sum_w * sum_l2 - sum_l * sum_l
-            t_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            t_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = t_min > 0
-            t_min = np.where(pos, F32(0), t_min)
-            t_scale = np.where(pos, sum_xl / sum_l2, t_scale)
-            cur = err(t_scale, t_min)
-            upd = (D > 0) & (cur < best) & ~flat
-            win_iscale = np.where(upd, iscale, win_iscale)
-            win_mn = np.where(upd, mn, win_mn)
-            best = np.where(upd, cur, best)
-            scale = np.where(upd, t_scale, scale)
-            mn = np.where(upd, t_min, mn)
-        mn, final_mn = win_mn, mn
-        levels(win_iscale)
-    L, mn = la, final_mn
-    L[:, flat] = 0
-    return np.where(flat, F32(0), scale).astype(F32), (-mn).astype(F32), L
-
-
-def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml ``make_qp_quants`` (non-negative values, weighted) for every column of x [n, G].
-
-    Returns (scale [G], L [n, G] float32 as the uint8 C stores, 0..nmax normally).
-    """
-    vmax = np.maximum(x.max(axis=0), F32(0))
-    zero = vmax < _GROUP_MAX_EPS
-    vmax = np.where(zero, F32(1), vmax)
-    with np.errstate(all="ignore"):
-        iscale = F32(nmax) / vmax
-        L = (_nint_i(iscale * x) & 0xFF).astype(F32)           # uint8 store, no clamp
-        scale = F32(1) / iscale
-        d = x - scale * L
-        best = _seqsum((w * d) * d)
-        for step in range(-4, 5):
-            if step == 0:
-                continue
-            isc = (F32(0.1) * F32(step) + F32(nmax)) / vmax
-            l = np.minimum(_nint_i(isc * x), nmax).astype(F32)
-            d = x - (F32(1) / isc) * l
-            mse = _seqsum((w * d) * d)
-            upd = mse < best
-            best = np.where(upd, mse, best)
-            iscale = np.where(upd, isc, iscale)
-        li = np.minimum(_nint_i(iscale * x), nmax)
-        l = li.astype(F32)
-        L = (li & 0xFF).astype(F32)
-        wx = w * x
-        sumlx = _seqsum(wx * l)
-        suml2 = _seqsum((w * l) * l)
-        for _ in range(5):
-            for i in range(x.shape[0]):
-                Li = L[i]
-                slx = sumlx - wx[i] * Li
-                sl2 = suml2 - (w[i] * Li) * Li
-                new = np.minimum(_nint_i(_div(x[i] * sl2, slx)), nmax).astype(F32)
-                slx2 = slx + wx[i] * new
-                sl22 = sl2 + (w[i] * new) * new
-                take = ((slx > 0) & (sl2 > 0) & (new != Li)
-                        & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
-                L[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), Li)
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
-        scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
-    L[:, zero] = 0
-    return np.where(zero, F32(0), scale).astype(F32), L
 
 
 # ------------------------------------------------------------------------- helpers
@@ -376,7 +117,7 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
         av_x = np.sqrt(_seqsum(xg * xg) / F32(32))
         wg = av_x + np.abs(xg)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        scales, mins, L = _make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
+        scales, mins, L = make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -391,9 +132,9 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
         wg = _groups(w, 32)
         sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 8).T)   # [8, nb]
-        scales, mins, L = _make_qkx(xg, wg, nmax, -0.9, 0.05, 36, False)
-        d_block, Ls = _make_qp(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
-        m_block, Lm = _make_qp(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
+        scales, mins, L = make_qkx(xg, wg, nmax, -0.9, 0.05, 36, False)
+        d_block, Ls = make_qp(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
+        m_block, Lm = make_qp(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
         ls, lm = Ls.T.astype(np.uint8), Lm.T.astype(np.uint8)
         if nmax == 31:                                            # only q5_K_impl clamps
             ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
@@ -421,7 +162,7 @@ def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.shape[0]
     xg = _groups(x, 16)                                           # [16, nb*16]
     wg = xg * xg if qw is None else _groups(qw, 16)
-    scales, L = _make_qx(xg, 32, wg)
+    scales, L = make_qx(xg, 32, wg)
     sc = scales.reshape(nb, 16)
     amax, vmax = _first_absmax(np.ascontiguousarray(sc.T))
     zero = amax < _GROUP_MAX_EPS
@@ -447,7 +188,7 @@ def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.shape[0]
     xg = _groups(x, 16)                                           # [16, nb*16]
     if qw is None:
-        scales, L = _make_q3(xg, 4)
+        scales, L = make_q3(xg, 4)
         sc = scales.reshape(nb, 16)
         amax, vmax = _first_absmax(np.ascontiguousarray(sc.T))
         has = vmax != 0
@@ -460,8 +201,8 @@ def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
         wg = _groups(w, 16)
         sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
-        scales, L = _make_qx(xg, 4, wg)
-        d_block, Ls = _make_qx(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
+        scales, L = make_qx(xg, 4, wg)
+        d_block, Ls = make_qx(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
         ls = Ls.T.astype(np.int32)
         d_bits, d16 = _fp16(d_block)
         sgn = ls - 32
@@ -486,7 +227,7 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.shape[0]
     xg = _groups(x, 16)                                           # [16, nb*16]
     if qw is None:
-        scales, mins, L = _make_qkx(xg, np.abs(xg), 3, -0.5, 0.1, 15, True)
+        scales, mins, L = make_qkx(xg, np.abs(xg), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -501,9 +242,9 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 1.0))
         wg = _groups(w, 16)
         sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
-        scales, mins, L = _make_qkx(xg, wg, 3, -0.9, 0.05, 36, False)
-        dm, Ls = _make_qp(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
-        mm, Lm = _make_qp(np.ascontiguousarray(mins.reshape(nb, 16).T), 15, sw)
+        scales, mins, L = make_qkx(xg, wg, 3, -0.9, 0.05, 36, False)
+        dm, Ls = make_qp(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
+        mm, Lm = make_qp(np.ascontiguousarray(mins.reshape(nb, 16).T), 15, sw)
         sb = (Ls.T.astype(np.uint8) | (Lm.T.astype(np.uint8) << 4)).astype(np.uint8)
         d_bits, d16 = _fp16(dm)
         m_bits, m16 = _fp16(mm)
