@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 # An encoder: float32 [rows, cols] (cols % block_size == 0) -> uint8 [rows, cols/bs*ts] (torch or numpy).
 EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
-CHUNK_ELEMENTS = 1 << 20  # 1 Mi floats (4 MiB) per encoding step: stays in cache, bounds temporaries
+CHUNK_ELEMENTS = 1 << 18  # 256 Ki floats (1 MiB) per encoding step: stays in cache, bounds temporaries
 
 
 @dataclass(frozen=True)
