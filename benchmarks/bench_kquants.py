@@ -11,8 +11,8 @@ Prints (medians of ``--reps`` runs, MB/s of float32 input):
    converter's registered encoder) vs the Q8_0 recipe and vs gguf's numpy Q8_0 encoder
    on all matrices (a baseline that does not depend on torch's thread pool).
 With ``--baseline`` (a self-contained older copy of ``kquants.py``, e.g. from
-``git show REV:quant/kquants.py``) table 1 also times that copy, interleaved run by run
-with the current one, and first checks that both write identical bytes.
+``git show eed80db:quant/kquants.py``) both tables also time that copy, interleaved run
+by run with the current one (table 1 first checks that both write identical bytes).
 The machine may be shared: figures vary (the load average is printed); compare the
 ratios within one run.
 """
@@ -94,7 +94,7 @@ def encoder_table(reps: int, threads: int, baseline: str | None) -> None:
             print(f"  (load average {os.getloadavg()[0]:.1f})")
 
 
-def model_table(reps: int) -> None:
+def model_table(reps: int, baseline: str | None) -> None:
     from edgeinfer.quant import quantizers
     from edgeinfer.quant.recipes import RecipeContext, plan
     from edgeinfer.resolve import default_model_path
@@ -113,25 +113,39 @@ def model_table(reps: int) -> None:
     mats = [a.reshape(-1, a.shape[-1]) for a in tensors.values() if a.ndim >= 2]
     base = _median_time(lambda: [gguf.quants.quantize(m, QT.Q8_0) for m in mats], reps)
     print(f"all matrices Q8_0 with gguf's numpy encoder (stable baseline): {base:.2f} s")
+    from edgeinfer.quant import kquants
+
+    current = kquants.quantize_k
+    old = _load_baseline(baseline).quantize_k if baseline else None
+    runs_of = [("Q8_0", "Q8_0", current), ("Q4_K_M", "Q4_K_M", current)]
+    runs_of += [("Q4_K_M baseline", "Q4_K_M", old)] if old else []
+    runs_of += [("Q5_K_M", "Q5_K_M", current), ("Q6_K", "Q6_K", current)]
+    plans = {recipe: plan(shapes, recipe, ctx) for _, recipe, _ in runs_of}
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in runs_of}
+    try:
+        for _ in range(reps):                                   # recipes interleaved per repetition
+            for label, recipe, encoder in runs_of:
+                kquants.quantize_k = encoder                    # the registered K encoders call this
+                per_type: dict[str, float] = {}
+                for e in plans[recipe]:
+                    a = tensors[e.name]
+                    if e.ggml_type in (QT.F32, QT.F16):
+                        continue
+                    t0 = time.perf_counter()
+                    quantizers.quantize(a.reshape(-1, a.shape[-1]), e.ggml_type)
+                    per_type[e.ggml_type.name] = per_type.get(e.ggml_type.name, 0.0) + time.perf_counter() - t0
+                runs[label].append(per_type)
+    finally:
+        kquants.quantize_k = current
     times = {}
-    for recipe in ("Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"):
-        entries = plan(shapes, recipe, ctx)
-        runs = []
-        for _ in range(reps):
-            per_type: dict[str, float] = {}
-            for e in entries:
-                a = tensors[e.name]
-                if e.ggml_type in (QT.F32, QT.F16):
-                    continue
-                t0 = time.perf_counter()
-                quantizers.quantize(a.reshape(-1, a.shape[-1]), e.ggml_type)
-                per_type[e.ggml_type.name] = per_type.get(e.ggml_type.name, 0.0) + time.perf_counter() - t0
-            runs.append(per_type)
-        per_type = min(runs, key=lambda d: sum(d.values()))                  # the least disturbed run
-        times[recipe] = sum(per_type.values())
-        split = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(per_type.items()))
-        print(f"{recipe:8s} encode {times[recipe]:6.2f} s  ({total_mb / times[recipe]:6.1f} MB/s)  "
-              f"vs Q8_0 {times[recipe] / times['Q8_0']:5.2f}x, vs gguf Q8_0 {times[recipe] / base:5.2f}x  "
+    print(f"medians of {reps} runs (load average now {os.getloadavg()[0]:.1f})")
+    for label, _, _ in runs_of:
+        by_total = sorted(runs[label], key=lambda d: sum(d.values()))
+        per_type = by_total[len(by_total) // 2]                                # the median run
+        times[label] = sum(per_type.values())
+        split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(per_type.items()))
+        print(f"{label:16s} encode {times[label]:6.2f} s  ({total_mb / times[label]:6.1f} MB/s)  "
+              f"vs Q8_0 {times[label] / times['Q8_0']:5.2f}x, vs gguf Q8_0 {times[label] / base:5.2f}x  "
               f"by type: {split}")
 
 
@@ -140,11 +154,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-model", action="store_true")
-    ap.add_argument("--baseline", help="an older kquants.py to time against (table 1)")
+    ap.add_argument("--baseline", help="an older, self-contained kquants.py to time against")
     args = ap.parse_args()
     encoder_table(args.reps, args.threads, args.baseline)
     if not args.skip_model:
-        model_table(args.reps)
+        model_table(args.reps, args.baseline)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,35 @@ def test_stacked_experts_with_per_expert_imatrix(tmp_path):
         bad = lq.block_mismatch(ours, ref, GGML_QUANT_SIZES[qtype][1])
         print(qtype.name, "experts with per-expert imatrix: mismatching blocks", bad, "/", ours.size // GGML_QUANT_SIZES[qtype][1])
         assert ours.shape[:2] == (4, 8) and bad == 0
+
+
+def test_fused_weighted_sums_follow_c_order():
+    """kquants_search._wsum (einsum, one pass) equals C's loop: products left to right, summed in order.
+
+    Oracle: an explicit float32 loop ``s += a[i]*b[i](*c[i])`` over the value index.  Covers
+    the einsum path (contiguous, many groups) and the fallbacks (one group, a strided view).
+    """
+    from edgeinfer.quant import kquants_search as ks
+
+    rng = np.random.default_rng(5)
+
+    def c_loop(*ops):
+        s = np.zeros(ops[0].shape[1], dtype=np.float32)
+        for i in range(ops[0].shape[0]):
+            p = ops[0][i] * ops[1][i]
+            for o in ops[2:]:
+                p = p * o[i]
+            s = s + p
+        return s
+
+    for n, g in ((32, 4096), (16, 300), (8, 1), (32, 2)):
+        ops = [(rng.standard_normal((n, g)) * s).astype(np.float32) for s in (1.0, 7e3, 3e-3)]
+        ops[1][:, ::3] = np.rint(ops[1][:, ::3] / 1e3)            # integer levels, like L
+        for k in (2, 3):
+            got, want = ks._wsum(*ops[:k]), c_loop(*ops[:k])
+            bad = int((got.view(np.int32) != want.view(np.int32)).sum())
+            print(f"_wsum {k} operands [{n}, {g}] (einsum path {ks.EINSUM_IS_SEQUENTIAL and g > 1}): "
+                  f"{bad}/{g} sums differ in bits from the C loop")
+            assert bad == 0
+    strided = (rng.standard_normal((16, 64)) * 5).astype(np.float32)[:, ::2]
+    assert np.array_equal(ks._wsum(strided, strided), c_loop(strided, strided))
