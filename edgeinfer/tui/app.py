@@ -57,13 +57,15 @@ class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "edgeinfer chat"
     BINDINGS = [
-        Binding("ctrl+n", "new_chat", "New", id="chat.new"),
-        Binding("escape,ctrl+c", "stop", "Stop", id="chat.stop", priority=True),
-        Binding("ctrl+r", "regenerate", "Regen", id="chat.regenerate"),
-        Binding("ctrl+s", "settings", "Settings", id="chat.settings"),
-        Binding("ctrl+o", "pick_model", "Model", id="chat.pick_model"),
-        Binding("f1", "help", "Help", id="chat.help"),
-        Binding("ctrl+b", "toggle_sidebar", "Chats", id="chat.toggle_sidebar", show=False),
+        Binding("ctrl+n", "new_chat", "New", id="chat.new", tooltip="New conversation"),
+        Binding("escape", "stop", "Stop", id="chat.stop", priority=True, tooltip="Stop the reply (keeps it)"),
+        Binding("ctrl+c", "stop", "Stop", id="chat.stop_ctrl_c", priority=True, show=False,
+                tooltip="Stop the reply (keeps it)"),
+        Binding("ctrl+r", "regenerate", "Regen", id="chat.regenerate", tooltip="Regenerate the last reply"),
+        Binding("ctrl+s", "settings", "Settings", id="chat.settings", tooltip="System prompt, model, sampling"),
+        Binding("ctrl+o", "pick_model", "Model", id="chat.pick_model", tooltip="Pick a model for this chat"),
+        Binding("f1", "help", "Help", id="chat.help", tooltip="This list of keys"),
+        Binding("ctrl+b", "toggle_sidebar", "Chats", id="chat.toggle_sidebar", show=False, tooltip="Show / hide the chats"),
         Binding("ctrl+f", "search", "Search chats", id="chat.search", show=False),
         Binding("f2", "rename", "Rename chat", id="chat.rename", show=False),
         Binding("f3", "export", "Export Markdown", id="chat.export", show=False),
@@ -169,7 +171,7 @@ class ChatApp(App):
         for m in msgs:
             self.chat.add_message(m.role, m.content, message_id=m.id, footer=self._footer_of(m.meta))
         self._refresh_sidebar()
-        self._count_worker()
+        self._count_context()
 
     @staticmethod
     def _footer_of(meta: dict) -> str:
@@ -201,13 +203,16 @@ class ChatApp(App):
         except Exception as e:  # noqa: BLE001 - reported in the UI, the app keeps running
             self.post_message(S.ModelFailed(str(e)))
             return
-        self._count_worker()
+        self.call_from_thread(self._count_context)
+
+    def _count_context(self) -> None:
+        """Show how much of the context the current conversation fills (counted off the UI thread)."""
+        if self.conv is not None:
+            turns = [m.as_chat() for m in self.store.messages(self.conv.id)]
+            self._count_worker(history_messages(self.conv.system_prompt, turns))
 
     @work(thread=True, exclusive=True, group="count")
-    def _count_worker(self) -> None:
-        if self.conv is None:
-            return
-        msgs = history_messages(self.conv.system_prompt, [m.as_chat() for m in self.store.messages(self.conv.id)])
+    def _count_worker(self, msgs: list) -> None:
         try:
             res = self.host.count(msgs)
         except Exception:  # noqa: BLE001 - only the status bar's context figure is missing
@@ -294,6 +299,7 @@ class ChatApp(App):
         self._render_timer.pause()
         sys.setswitchinterval(self._saved_switch)
         self.job = None
+        self.refresh_bindings()
         view, self._reply = self._reply, None
         self.last_done = msg.done
         if msg.error is not None:
@@ -331,7 +337,8 @@ class ChatApp(App):
 
     def send(self, text: str) -> None:
         """Store a user message and start the reply."""
-        self.chat.query(".notice").remove() if not self.store.messages(self.conv.id) else None
+        if not self.store.messages(self.conv.id):
+            self.chat.query(".notice").remove()  # the "type a message" hint
         stored = self.store.add_message(self.conv.id, "user", text)
         if self.conv.title == NEW_TITLE:
             title = " ".join(text.split())[:40] or NEW_TITLE
@@ -359,6 +366,7 @@ class ChatApp(App):
         self._render_timer.resume()
         self._saved_switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._saved_switch, GEN_SWITCH_INTERVAL_S))
+        self.refresh_bindings()  # the footer now offers "esc Stop"
         self._generate_worker(self.job)
 
     # -- actions -------------------------------------------------------------------------------
@@ -496,7 +504,7 @@ class ChatApp(App):
                 self._load_worker(s.model, s.backend)
         elif s.system_prompt != old.system_prompt:
             self.chat.add_notice("System prompt updated")
-            self._count_worker()
+            self._count_context()
 
     def on_unmount(self) -> None:
         if self.job is not None:

@@ -14,7 +14,9 @@ def binding_rows(*classes) -> list[tuple[str, str, str]]:
     for cls in classes:
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
-                rows.append((b.key.replace(",", " / "), b.description or b.action, b.id))
+                keys = b.key.split(",")
+                shown = " / ".join(keys[:2]) + (" …" if len(keys) > 2 else "")
+                rows.append((shown, b.tooltip or b.description or b.action, b.id))
     return rows
 
 
@@ -29,7 +31,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self):
         with Vertical(id="help-box", classes="modal-box"):
-            yield Label("Keys  (remap any of them by id in the keymap)", classes="modal-title")
+            yield Label("Keys  (Esc closes)", classes="modal-title")
             table = DataTable(id="help-table", cursor_type="row", zebra_stripes=True)
             table.add_columns("key", "action", "id")
             table.add_rows(self.rows)

@@ -44,9 +44,10 @@ class MessageView(Vertical, can_focus=True):
     """One message. Focus it (tab / alt+↑↓) to copy it, copy its code or toggle its reasoning."""
 
     BINDINGS = [
-        Binding("c", "copy_message", "Copy", id="message.copy"),
-        Binding("k", "copy_code", "Copy code", id="message.copy_code"),
-        Binding("t", "toggle_thinking", "Thinking", id="message.toggle_thinking"),
+        Binding("c", "copy_message", "Copy", id="message.copy", tooltip="Copy the focused message"),
+        Binding("k", "copy_code", "Copy code", id="message.copy_code", tooltip="Copy its last code block"),
+        Binding("t", "toggle_thinking", "Thinking", id="message.toggle_thinking",
+                tooltip="Show / hide its reasoning"),
     ]
 
     def __init__(self, role: str, text: str = "", *, title: str | None = None, message_id: int | None = None,
