@@ -136,10 +136,15 @@ def make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
         wx = w * x
         l = np.empty_like(x)
 
-        def levels(isc):                      # l = clamp(nearest_int(isc * x), -nmax, nmax-1)
+        # |isc*x| <= num*(1 + 2^-22) (|x| <= |vmax|, monotone rounding): while that stays
+        # below nmax - 0.5, nearest_int lands in [-nmax+1, nmax-1] and the clamp cannot bite
+        no_clamp_below = F32(nmax - 0.5) / F32(1 + 2.0 ** -20)
+
+        def levels(isc, num=None):            # l = clamp(nearest_int(isc * x), -nmax, nmax-1)
             np.multiply(x, isc, out=l)
             np.rint(l, out=l)
-            _clip(l, lo, hi, out=l)
+            if num is None or num >= no_clamp_below:
+                _clip(l, lo, hi, out=l)
 
         levels(iscale)
         sumlx = _wsum(wx, l)                  # C: sumlx += w*x[i]*l; suml2 += w*l*l
@@ -150,8 +155,9 @@ def make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
         for step in range(-9, 10):
             if step == 0:
                 continue
-            isc = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-            levels(isc)
+            num = F32(nmax) + F32(0.1) * F32(step)
+            isc = -num / vmax
+            levels(isc, num)
             slx = _wsum(wx, l)
             sl2 = _wsum(w, l, l)
             upd = (sl2 > 0) & (slx * slx > best * sl2)
@@ -208,7 +214,7 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
     Returns (scale [G], the_min [G] (= -min, >= 0), L [n, G] float32 in 0..nmax).
     Note C's ``min`` moves when a candidate wins, and later candidates use the new one,
     so the candidates are tried one after another (each over all groups at once).
-    The hot loop makes 10 passes over [n, G] per candidate (11 after a min moved).
+    The hot loop makes 9 to 11 passes over [n, G] per candidate.
     """
     mn = np.minimum(x.min(axis=0), F32(0))
     mx = x.max(axis=0)
@@ -218,10 +224,15 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
     xm, la, t = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     zero, top = F32(0), F32(nmax)
 
-    def levels(iscale):                       # la = clamp(nearest_int(iscale*(x - min)))
+    # While every min is still min(x, 0), 0 <= xm <= mx - min, so iscale*xm lies in
+    # [0, num*(1 + 2^-22)] (monotone rounding): below nmax + 0.5 the clamp cannot bite.
+    no_clamp_below = F32(nmax + 0.5) / F32(1 + 2.0 ** -20)
+
+    def levels(iscale, num=None):             # la = clamp(nearest_int(iscale*(x - min)))
         np.multiply(xm, iscale, out=la)       # xm = x - min, refreshed when a min moves
         np.rint(la, out=la)
-        _clip(la, zero, top, out=la)
+        if num is None or moved or num >= no_clamp_below:
+            _clip(la, zero, top, out=la)
 
     def err(scale, vmin):                     # sum_i w * (scale*la + vmin - x)^2 (or |.|)
         np.multiply(la, scale, out=t)
@@ -244,10 +255,11 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
         win_iscale, win_mn = iscale, mn
         live = ~flat
         span = mx - mn
+        moved = False                         # has any min left min(x, 0)?
         for step in range(nstep + 1):
             num = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
             iscale = num / span
-            levels(iscale)
+            levels(iscale, num)
             sum_l = _wsum(w, la)              # C: sum_l += w*l; sum_l2 += w*l*l; sum_xl += w*l*x
             sum_l2 = _wsum(w, la, la)
             sum_xl = _wsum(w, la, x)
@@ -268,6 +280,7 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
                 mn = np.where(upd, t_min, mn)
                 span = mx - mn
                 np.subtract(x, mn, out=xm)
+                moved = True
         np.subtract(x, win_mn, out=xm)
         levels(win_iscale)
     L = la
