@@ -193,12 +193,6 @@ def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).contiguous().view(torch.uint8).reshape(v.shape[0], 2)
 
 
-def _u32_bytes(v: torch.Tensor) -> torch.Tensor:
-    """int64 [n] holding uint32 values -> uint8 [n, 4] little endian."""
-    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=v.device)
-    return ((v.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8)
-
-
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """``id = d ? 1.0f/d : 0.0f`` as in ggml."""
     return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
@@ -209,12 +203,18 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
 
 
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [n, 32] 5-bit values -> uint8 [n, 4]: bit 4 of element k at bit k of a uint32 (``qh``)."""
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=q.device),
-                                       torch.arange(32, dtype=torch.int64, device=q.device))
-    qh = (((q.to(torch.int64) >> 4) & 1) * weights).sum(dim=1)  # [n]
-    return _u32_bytes(qh)
+    """uint8 [n, 32] 5-bit values -> uint8 [n, 4]: bit 4 of element k at bit k of a little-endian uint32 (``qh``)."""
+    h = ((q >> 4) & 1).view(q.shape[0], 4, 8) * _BIT_WEIGHTS.to(q.device)  # [n, 4, 8], distinct bits
+    return h.sum(dim=2, dtype=torch.uint8)  # [n, 4]: byte j holds bits 8j..8j+7
+
+
+def _levels(y: torch.Tensor, offset: float, top: int) -> torch.Tensor:
+    """``MIN(top, (int8_t)(y + offset))`` of ggml, in place on the temporary ``y`` -> uint8."""
+    return y.add_(offset).trunc_().clamp_(0, top).to(torch.uint8)
 
 
 def _blocks(x: torch.Tensor, bs: int = 32) -> torch.Tensor:
@@ -257,9 +257,22 @@ def encode_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _signed_max(b: torch.Tensor) -> torch.Tensor:
-    """The value of largest magnitude in each block (first one on ties, like ggml's loop)."""
-    idx = b.abs().argmax(dim=1, keepdim=True)
-    return b.gather(1, idx)  # [n, 1]
+    """The value of largest magnitude in each block, as ggml's loop finds it.
+
+    ggml keeps the first value whose magnitude is strictly larger than all before it: so the
+    first of a ``+m``/``-m`` pair wins, and an all-zero block gives ``+0.0``.
+    """
+    mx = b.amax(dim=1, keepdim=True)  # [n, 1]
+    mn = b.amin(dim=1, keepdim=True)
+    pick = torch.where(-mn > mx, mn, mx)
+    tie = ((-mn) == mx).squeeze(1) & (mx.squeeze(1) != 0)
+    if bool(tie.any()):
+        rows = tie.nonzero().squeeze(1)
+        sub = b[rows]  # [t, 32]
+        first_mx = (sub == mx[rows]).to(torch.uint8).argmax(dim=1)
+        first_mn = (sub == mn[rows]).to(torch.uint8).argmax(dim=1)
+        pick[rows] = torch.where((first_mn < first_mx).unsqueeze(1), mn[rows], mx[rows])
+    return torch.where(pick == 0, torch.zeros_like(pick), pick)  # [n, 1]
 
 
 def encode_q4_0(x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +280,7 @@ def encode_q4_0(x: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     b = _blocks(x)
     d = _signed_max(b) / -8
-    q = (b * _inverse(d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+    q = _levels(b * _inverse(d), 8.5, 15)
     return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1).reshape(rows, -1)
 
 
@@ -278,7 +291,7 @@ def encode_q4_1(x: torch.Tensor) -> torch.Tensor:
     mn = b.amin(dim=1, keepdim=True)
     mx = b.amax(dim=1, keepdim=True)
     d = (mx - mn) / 15
-    q = ((b - mn) * _inverse(d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+    q = _levels((b - mn).mul_(_inverse(d)), 0.5, 15)
     return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], dim=1).reshape(rows, -1)
 
 
@@ -287,7 +300,7 @@ def encode_q5_0(x: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     b = _blocks(x)
     d = _signed_max(b) / -16
-    q = (b * _inverse(d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+    q = _levels(b * _inverse(d), 16.5, 31)
     return torch.cat([_fp16_bytes(d), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
 
 
@@ -298,7 +311,7 @@ def encode_q5_1(x: torch.Tensor) -> torch.Tensor:
     mn = b.amin(dim=1, keepdim=True)
     mx = b.amax(dim=1, keepdim=True)
     d = (mx - mn) / 31
-    q = ((b - mn) * _inverse(d) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
+    q = _levels((b - mn).mul_(_inverse(d)), 0.5, 31)
     return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
 
 

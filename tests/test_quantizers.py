@@ -100,12 +100,13 @@ def test_registry_geometry_and_chunking():
         quantize(torch.zeros(2, 48), T.Q4_0)
 
 
-def _llama_quantize(src, dst, ftype: int) -> None:
+def _llama_quantize(src, dst, ftype: int, pure: bool = False) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 2
+    params.pure = pure
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize returned {rc}"
 
@@ -113,6 +114,30 @@ def _llama_quantize(src, dst, ftype: int) -> None:
 def _tensors(path) -> dict[str, tuple[T, np.ndarray]]:
     r = gguf.GGUFReader(str(path))
     return {t.name: (T(t.tensor_type), np.asarray(t.data).view(np.uint8).reshape(-1).copy()) for t in r.tensors}
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_corner_cases_match_llama_model_quantize(tmp_path, qtype):
+    """ggml's C code itself on the corner-case tensor, plus blocks of -0.0 and of +m/-m ties
+    (where the numpy reference and C could disagree: C keeps +0.0 and the first of a tie)."""
+    import _llama_quant
+
+    x = hard_tensor(rows=64, cols=256, seed=5)
+    x[6] = np.clip(x[6], -6e4, 6e4)  # llama.cpp rejects (validation) a min that overflows fp16
+    x[10, :32] = -0.0
+    x[11, :32] = 0.0
+    x[11, 7] = -0.0
+    x[12, :32] = np.tile(np.float32([-2.0, 2.0]), 16)
+    x[13, :32] = np.tile(np.float32([1.0, -1.0]), 16)
+    name = "blk.0.ffn_up.weight"
+    src = _llama_quant.write_f32_gguf(tmp_path / "f32.gguf", {name: x})
+    _llama_quantize(src, tmp_path / "q.gguf", int(gguf.LlamaFileType[f"MOSTLY_{qtype.name}"]), pure=True)
+    qt, ref = _tensors(tmp_path / "q.gguf")[name]
+    assert qt == qtype
+    ours = quantize(torch.from_numpy(x), qtype).reshape(-1)
+    bad = diff_blocks(ours, ref, qtype)
+    print(f"{qtype.name}: {bad} of {ours.size // gguf.GGML_QUANT_SIZES[qtype][1]} blocks differ from llama.cpp")
+    assert bad == 0
 
 
 def compare_with_llama_quantize(folder, tmp_path, qtypes) -> None:
