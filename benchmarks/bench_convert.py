@@ -119,13 +119,14 @@ def encoder_speed() -> None:
     x = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
     xt = torch.from_numpy(x)
     mb = x.nbytes / 2**20
-    for t in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q5_1):
+    T = gguf.GGMLQuantizationType
+    for t in (T.F16, T.BF16, T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1):
         ours, ref = [], []
         for _ in range(3):
             t0 = time.perf_counter(); quantize(xt, t); ours.append(time.perf_counter() - t0)
             t0 = time.perf_counter(); gguf.quants.quantize(x, t); ref.append(time.perf_counter() - t0)
         o, r = statistics.median(ours), statistics.median(ref)
-        print(f"  {t.name}: edgeinfer {mb / o:7.0f} MiB/s   gguf numpy {mb / r:7.0f} MiB/s   ({r / o:.2f}x)")
+        print(f"  {t.name:5s}: edgeinfer {mb / o:7.0f} MiB/s   gguf numpy {mb / r:7.0f} MiB/s   ({r / o:.2f}x)")
 
 
 def main() -> int:
