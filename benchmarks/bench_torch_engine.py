@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--gen", type=int, default=64, help="decode steps")
     ap.add_argument("--kernels", action="store_true", help="also time the CPU matmul options per layer")
+    ap.add_argument("--llama-gpu-layers", type=int, default=None,
+                    help="llama.cpp layers on the GPU (default: 0 with --device cpu, else all)")
     args = ap.parse_args()
 
     import llama_cpp
@@ -133,7 +135,9 @@ def main() -> int:
     n_ctx = args.prompt + args.gen + 8
     tb = TorchBackend(path, LoadOptions(n_ctx=n_ctx, n_threads=threads, device=args.device))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          n_batch=max(512, args.prompt), n_gpu_layers=0, verbose=False)
+                          n_batch=max(512, args.prompt), verbose=False,
+                          n_gpu_layers=args.llama_gpu_layers if args.llama_gpu_layers is not None
+                          else (0 if args.device == "cpu" else -1))
     ids = tb.tokenize("The quick brown fox jumps over the lazy dog. " * (args.prompt // 8 + 1),
                       add_special=False)[: args.prompt]
     steps = (ids * (args.gen // len(ids) + 1))[: args.gen]
