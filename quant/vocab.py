@@ -178,26 +178,32 @@ def load_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
         types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
                     else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
                     else gguf.TokenType.NORMAL)
-    extra: dict[str, int] = {}
+    # Added tokens, as llama.cpp's converter reads them: added_tokens.json entries are user-defined;
+    # entries of tokenizer_config.json's added_tokens_decoder (or tokenizer.json's added_tokens)
+    # are control tokens when flagged special (or when they look special), user-defined otherwise.
+    extra: dict[int, tuple[str, bool]] = {}
     if (folder / "added_tokens.json").is_file():
-        extra.update(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")))
-    special_flags: dict[int, bool] = {}
+        for text, i in json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")).items():
+            extra[int(i)] = (text, False)
+    decoder: dict[int, tuple[str, bool]] = {}
     if (folder / "tokenizer.json").is_file():
         tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        for a in tj.get("added_tokens", []):
-            extra[a["content"]] = a["id"]
-            special_flags[a["id"]] = bool(a.get("special"))
-    for text, i in extra.items():
+        decoder.update({int(a["id"]): (a["content"], bool(a.get("special"))) for a in tj.get("added_tokens", [])})
+    if (folder / "tokenizer_config.json").is_file():
+        tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        decoder.update({int(i): (a["content"], bool(a.get("special")))
+                        for i, a in (tc.get("added_tokens_decoder") or {}).items()})
+    for i, (text, special) in list(extra.items()) + list(decoder.items()):
         if i >= size:
-            tokens += [f"[PAD{j}]" for j in range(size, i + 1)]
-            scores += [-1000.0] * (i + 1 - size)
-            types += [int(gguf.TokenType.UNUSED)] * (i + 1 - size)
-            size = i + 1
-        if i < n and tokens[i] == text:
-            continue  # already a piece (e.g. <bos>)
-        tokens[i] = text
+            log.warning("%s: added token %r has id %d beyond the vocabulary (%d); ignored", path, text, i, size)
+            continue
         scores[i] = -1000.0
-        types[i] = gguf.TokenType.CONTROL if special_flags.get(i, True) or looks_special(text) else gguf.TokenType.USER_DEFINED
+        if special or looks_special(text):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # user-defined tokens are stored pre-normalized
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = text
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=size)
     return Vocab("llama", tokens, [int(t) for t in types], scores=scores, special=special)
 
