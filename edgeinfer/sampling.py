@@ -4,8 +4,9 @@ The chain llama-cpp-python builds (``Llama._init_sampler``) and that the llama.c
 therefore uses: ``penalties -> top_k -> (typical, off) -> top_p -> min_p -> temp -> dist``, or
 ``penalties -> greedy`` when the temperature is 0. Each step follows ``src/llama-sampler.cpp``:
 
-* penalties: each distinct token among the last ``repeat_last_n`` has its logit divided by
-  ``repeat_penalty`` if positive, multiplied if not;
+* penalties: each distinct token among the last ``repeat_last_n`` *generated* tokens (the
+  chain is rebuilt per request and only sees sampled tokens) has its logit divided by
+  ``repeat_penalty`` if positive, multiplied if not; ``repeat_last_n <= 0`` turns it off;
 * top_k: keep the k largest logits (k <= 0: off);
 * top_p: softmax over the survivors, keep the smallest prefix (by descending probability)
   whose cumulative probability reaches p (at least one token); p >= 1: off;
@@ -28,9 +29,9 @@ from edgeinfer.backend import SamplingParams
 
 def apply_penalties(logits: torch.Tensor, history: Sequence[int], penalty: float, last_n: int) -> torch.Tensor:
     """Repeat penalty over the distinct tokens of ``history[-last_n:]`` (returns a new tensor)."""
-    if penalty == 1.0 or last_n == 0 or not history:
+    if penalty == 1.0 or last_n <= 0 or not history:  # llama.cpp clamps last_n < 0 to 0 (off)
         return logits
-    recent = history[-last_n:] if last_n > 0 else history
+    recent = history[-last_n:]
     ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
     out = logits.clone()
     sel = out[ids]

@@ -169,7 +169,7 @@ class TorchBackend:
             while start < min(len(self._cached), len(tokens) - 1) and self._cached[start] == tokens[start]:
                 start += 1
         self._cached = tokens[:start]
-        history = list(tokens)
+        history: list[int] = []  # like llama-cpp-python: the penalty window sees generated tokens only
         logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
         self._cached = list(tokens)
         pos = len(tokens)
