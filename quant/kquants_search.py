@@ -19,7 +19,12 @@ accumulation follows C's order and float32 rounding:
 * ``nearest_int`` (C's "add 1.5*2^23" trick) rounds to nearest, ties to even, which is
   ``np.rint`` for every |value| < 2^22 (the trick's own valid range); where C stores the
   unclamped int in a uint8/int8, the trick itself is replayed (``_nint_i``);
-* the searches keep the winning candidate's parameters and rebuild its levels once.
+* the searches keep the winning candidate's parameters and rebuild its levels once;
+  the clamp of the levels is skipped only where a bound proves it cannot change them.
+
+Speed: numpy makes one memory pass per operation, so the cost is ~10 passes over the
+[n, G] arrays per candidate scale (20-37 candidates per group); ``bench_kquants.py``
+measures it.
 """
 from __future__ import annotations
 
