@@ -34,6 +34,11 @@ def module_path(gguf_name: str) -> str:
     return f"layers.{i}.{sub + '.' if sub else ''}{stem}.{kind}"
 
 
+def gguf_name(module: str) -> str:
+    """Module path -> GGUF tensor name, the inverse of :func:`module_path` (``layers.3.attn.attn_q`` -> ``blk.3.attn_q``)."""
+    return re.sub(r"^layers\.(\d+)\.(?:attn\.|ffn\.)?", r"blk.\1.", module)
+
+
 @dataclass
 class ModelArgs:
     """Everything a decoder needs, read from GGUF metadata by the architecture file."""

@@ -136,3 +136,22 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     path = _gguf_files.write_tiny_gguf(tmp_path / "x.gguf", arch="mamba")
     with pytest.raises(InvalidModelError, match="mamba.*not supported by the torch engine"):
         torch_model(path)
+
+
+def test_incomplete_gguf_is_a_clear_error(tmp_path):
+    import _gguf_files
+
+    from edgeinfer.errors import InvalidModelError
+
+    path = _gguf_files.write_tiny_gguf(tmp_path / "x.gguf", arch="llama")
+    with pytest.raises(InvalidModelError, match=r"x\.gguf.*llama\.(embedding_length|block_count)"):
+        torch_model(path)
+
+
+def test_gguf_names_round_trip():
+    from edgeinfer.models.base import gguf_name, module_path
+
+    for name in ["blk.3.attn_q.weight", "blk.0.ffn_down.weight", "blk.12.post_ffw_norm.weight",
+                 "blk.1.attn_k_norm.weight", "output_norm.weight", "token_embd.weight"]:
+        mod = module_path(name)
+        assert gguf_name(mod.rsplit(".", 1)[0]) + "." + name.rsplit(".", 1)[1] == name, (name, mod)

@@ -26,7 +26,7 @@ from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.gguf_check import GGUFFile, validate_gguf
 from edgeinfer.kernels.dequant import SUPPORTED, dequantize, row_bytes
 from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear, fuse
-from edgeinfer.models.base import Transformer, module_path
+from edgeinfer.models.base import Transformer, gguf_name, module_path
 from edgeinfer.models.registry import architecture
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     modules = dict(model.named_modules())
     for mod_name, mod in list(modules.items()):
         if isinstance(mod, nn.Linear):
-            gname = mod_name.replace("layers.", "blk.").replace(".attn.", ".").replace(".ffn.", ".") + ".weight"
+            gname = gguf_name(mod_name) + ".weight"
             if gname == "output.weight" and gname not in tensors:
                 gname = "token_embd.weight"  # tied embeddings
             t = tensors.get(gname)
