@@ -269,3 +269,34 @@ def test_cli_run_torch_stats(cli_env):
     assert r.returncode == 0
     for word in ("torch on cpu", "load", "TTFT", "prefill", "decode", "tok/s", "peak"):
         assert word in r.stderr
+
+
+def test_chat_prefix_reuse_matches_a_fresh_prefill(torch_default):
+    # A follow-up turn re-uses the cached K/V of the shared prefix and prefills only the rest;
+    # its next-token logits must equal a full prefill of the whole prompt (bf16 kernel noise:
+    # M-dependent rounding, ~1e-2 of the largest logit; a stale or shifted cache gives O(1)).
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    chat = [{"role": "user", "content": "Name a color."}]
+    first = [e for e in torch_default.generate(chat, sp)][-1].text
+    chat2 = chat + [{"role": "assistant", "content": first}, {"role": "user", "content": "And a fruit?"}]
+    calls = []
+    model = torch_default.model
+    real_forward = model.forward
+
+    def spy(ids, pos0, last_only=False):
+        out = real_forward(ids, pos0, last_only)
+        calls.append((ids.shape[1], pos0, out[0, -1].clone()))
+        return out
+
+    model.forward = spy
+    try:
+        list(torch_default.generate(chat2, SamplingParams(temperature=0, max_tokens=1)))
+    finally:
+        del model.forward
+    n_prompt = len(torch_default.tokenize(torch_default.prompts.prompt_text(chat2)[0]))
+    s, pos0, reused = calls[0]
+    assert pos0 > 0 and pos0 + s == n_prompt  # only the new suffix was prefilled
+    fresh = torch_default.logits(torch_default.tokenize(torch_default.prompts.prompt_text(chat2)[0]))[-1]
+    err = float((reused - fresh).abs().max() / fresh.abs().max())
+    print(f"prefix reuse: {pos0} cached tokens, {s} prefilled; max rel diff vs fresh prefill {err:.2e} (tol 3e-2)")
+    assert err < 3e-2 and int(reused.argmax()) == int(fresh.argmax())
