@@ -210,13 +210,21 @@ class ChatStore:
 
     # -- messages ----------------------------------------------------------------------------
     def add_message(self, cid: int, role: str, content: str, meta: dict | None = None) -> StoredMessage:
-        """Append a message (committed before this returns) and touch the conversation."""
+        """Append a message (committed before this returns) and touch the conversation.
+
+        Raises:
+            StorageError: the conversation does not exist (e.g. deleted while a reply was streaming).
+        """
         now = time.time()
-        with self._tx() as db:
-            cur = db.execute("INSERT INTO messages (conversation_id, role, content, meta, created) "
-                             "VALUES (?, ?, ?, ?, ?)", (cid, role, content, json.dumps(meta or {}), now))
-            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, cid))
-            mid = cur.lastrowid
+        try:
+            with self._tx() as db:
+                cur = db.execute("INSERT INTO messages (conversation_id, role, content, meta, created) "
+                                 "VALUES (?, ?, ?, ?, ?)", (cid, role, content, json.dumps(meta or {}), now))
+                db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, cid))
+                mid = cur.lastrowid
+        except sqlite3.IntegrityError as e:
+            raise StorageError(f"{self.path}: cannot add a {role} message to conversation {cid} ({e}); "
+                               "was it deleted?") from None
         return StoredMessage(mid, cid, role, content, meta or {}, now)
 
     def messages(self, cid: int) -> list[StoredMessage]:

@@ -334,3 +334,20 @@ async def test_load_failure_is_reported_not_fatal(tmp_path):
         assert "nope.gguf: no such file" in notices
         assert app.is_running
 
+
+
+@run_async
+async def test_delete_chat_while_streaming_does_not_crash(tmp_path):
+    app, _ = make_app(tmp_path, replies=[[f"z{i} " for i in range(300)]], delay=0.01,
+                      params=SamplingParams(max_tokens=400))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        app.prompt.load_text("long one")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app._n_tokens >= 3, what="tokens")
+        gone = app.conv.id
+        await pilot.press("f8", "y")
+        await wait_for(pilot, lambda: not app.generating, what="the reply to stop")
+        await pilot.pause(0.05)
+        assert app.is_running and app.conv.id != gone
+        assert all(m.conversation_id != gone for m in app.store.iter_all_messages())

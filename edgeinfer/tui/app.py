@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
 from edgeinfer.backend import LoadOptions, SamplingParams
-from edgeinfer.storage import ChatStore, Conversation, export_markdown
+from edgeinfer.storage import ChatStore, Conversation, StorageError, export_markdown
 from edgeinfer.tui import session as S
 from edgeinfer.tui.context import history_messages
 from edgeinfer.tui.models import ModelRow, describe_models
@@ -315,8 +315,11 @@ class ChatApp(App):
                 "generated_tokens": done.timings.generated_tokens, "tok_s": tok_s or done.timings.decode_tok_s,
                 "ttft_s": done.timings.ttft_s, "prompt_tokens": done.timings.prompt_tokens}
         if text.strip():
-            stored = self.store.add_message(job.conversation_id, "assistant", text, meta)
-            view.message_id = stored.id
+            try:
+                stored = self.store.add_message(job.conversation_id, "assistant", text, meta)
+                view.message_id = stored.id
+            except StorageError:  # the conversation was deleted while the reply streamed
+                pass
         if view.is_attached:
             view.set_text(text)
             view.set_footer(self._footer_of(meta))
@@ -472,7 +475,11 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="picker")
     def _picker_worker(self, current, callback) -> None:
-        rows: list[ModelRow] = self.model_lister()
+        try:
+            rows: list[ModelRow] = self.model_lister()
+        except Exception as e:  # noqa: BLE001 - e.g. an unreadable Hugging Face cache; the chat goes on
+            self.call_from_thread(self.notify, f"Cannot list models: {e}", severity="error", timeout=8)
+            return
         self.call_from_thread(self.push_screen, ModelPicker(rows, current), callback)
 
     def action_pick_model(self) -> None:
