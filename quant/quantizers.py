@@ -235,13 +235,16 @@ def encode_f16(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_bf16(x: torch.Tensor) -> torch.Tensor:
-    """BF16 as ``ggml_compute_fp32_to_bf16`` (ggml-impl.h): NaN forced quiet, round to nearest even."""
-    n = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    is_nan = (n & 0x7FFFFFFF) > 0x7F800000
+    """BF16 as ``ggml_compute_fp32_to_bf16`` (ggml-impl.h): NaN forced quiet, round to nearest even.
+
+    Done on the int32 bit pattern: two's-complement wrap-around gives the same low 16 bits as
+    ggml's uint32 arithmetic.
+    """
+    n = x.to(torch.float32).contiguous().view(torch.int32)
     rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
-    quiet = ((n >> 16) | 64)
-    h = torch.where(is_nan, quiet, rounded) & 0xFFFF  # [rows, cols] uint16 values
-    return torch.stack([(h & 0xFF), (h >> 8)], dim=-1).to(torch.uint8).reshape(x.shape[0], -1)  # little endian
+    is_nan = (n & 0x7FFFFFFF) > 0x7F800000
+    h = torch.where(is_nan, (n >> 16) | 64, rounded)  # [rows, cols], low 16 bits are the bf16
+    return h.to(torch.int16).view(torch.uint8).reshape(x.shape[0], -1)  # little endian
 
 
 # --------------------------------------------------------------------------- block types (QK = 32)
