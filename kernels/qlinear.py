@@ -31,6 +31,11 @@ FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 log = logging.getLogger(__name__)
 
 
+#: Tests only: force a path on any device ("triton" runs the fused kernels, e.g. under
+#: TRITON_INTERPRET=1 on CPU; "dequant" the bounded dequantize path). None = choose by device.
+FORCE_PATH: str | None = None
+
+
 def _triton_types() -> tuple:
     from edgeinfer.kernels import triton_qmm
 
@@ -59,7 +64,10 @@ class QuantLinear(nn.Module):
         self.weight = None
         self.raw = None
         dev = self.device.type
-        if self.qtype in FLOAT_TYPES:
+        if FORCE_PATH and self.qtype not in FLOAT_TYPES:
+            self.raw = raw.to(self.device)
+            self.path = FORCE_PATH
+        elif self.qtype in FLOAT_TYPES:
             w = dequantize(raw, self.qtype) if raw.dtype == torch.uint8 else raw
             dt = torch.float32 if dev == "cpu" else torch.float16
             self.weight = w.reshape(n, k).to(self.device, dt)
