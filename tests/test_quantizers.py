@@ -175,3 +175,15 @@ def test_converted_model_matches_llama_model_quantize(tmp_path):
 def test_real_model_matches_llama_model_quantize(hf_default_checkpoint, tmp_path):
     """The exported SmolLM2 checkpoint: every tensor of every type byte-identical to llama.cpp's."""
     compare_with_llama_quantize(hf_default_checkpoint, tmp_path, ["Q8_0", "Q4_0", "Q5_1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_cuda_encoders_match_cpu(qtype):
+    """The same torch encoders on a GPU give the same bytes as on the CPU."""
+    x = torch.from_numpy(hard_tensor(seed=3))
+    cpu = quantize(x, qtype)
+    gpu = quantize(x.cuda(), qtype)
+    bad = diff_blocks(cpu, gpu, qtype)
+    print(f"{qtype.name}: {bad} blocks differ between CUDA and CPU")
+    assert bad == 0
