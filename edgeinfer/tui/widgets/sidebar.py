@@ -44,6 +44,8 @@ class Sidebar(Vertical):
         ids = [c.id for c in conversations]
         if current_id in ids:
             ol.highlighted = ids.index(current_id)
+        elif ids:
+            ol.highlighted = 0  # e.g. search results without the current chat: Enter opens the first
 
     @staticmethod
     def _short(title: str, width: int) -> str:
@@ -65,5 +67,14 @@ class Sidebar(Vertical):
         self.post_message(self.SearchChanged(event.value))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter in the search box opens the highlighted (first) match."""
         event.stop()
-        self.option_list.focus()
+        cid = self.highlighted_id()
+        if cid is not None:
+            self.post_message(self.Selected(cid))
+
+    def on_key(self, event) -> None:
+        """↓ in the search box moves into the list."""
+        if event.key == "down" and self.query_one("#chat-search", Input).has_focus:
+            event.stop()
+            self.option_list.focus()
