@@ -170,6 +170,13 @@ def main() -> int:
     print(f"median edgeinfer: {tw:.1f} s, {tr / 2**20:.0f} MiB | llama.cpp: {lw:.1f} s, {lr / 2**20:.0f} MiB")
     print(f"time ratio {tw / lw:.2f}x (target <= 1.0)   peak RSS ratio {tr / lr:.2f}x (target <= 0.5)")
     print("outputs:", compare_outputs(ours_out, ref_out))
+    # after the measured runs: importing the converter here would inflate the children's peak RSS
+    from edgeinfer.quant.source import open_checkpoint
+
+    largest = max(r.n_elements for r in open_checkpoint(ck).tensors.values()) * 4
+    bound = 3 * largest + 2**29
+    print(f"issue bound: peak RSS <= 3 x largest tensor f32 ({largest / 2**20:.0f} MiB) + 0.5 GiB = "
+          f"{bound / 2**20:.0f} MiB; edgeinfer's median peak {tr / 2**20:.0f} MiB -> {'OK' if tr <= bound else 'EXCEEDED'}")
     print("encoder throughput (4096x4096 f32, median of 3):")
     encoder_speed()
     print("note: shared 2-core machine; other jobs were running, so wall times are noisy")
