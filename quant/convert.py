@@ -146,12 +146,8 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
     trims = A.trim_vocab in spec.fixups
 
     def add(gname: str, shape: tuple[int, ...], ref: TensorRef | None, make=None) -> None:
-        kind, bid = _kind_of(gname, n_layers)
-        tin = TensorPlanInput(gname, shape, kind, bid, n_layers, base_type, tied_output=not has_output)
-        decision = policy(tin)
-        if decision.ggml_type not in REGISTRY and decision.encoder is None:
-            raise ConversionError(f"{gname}: no encoder for type {decision.ggml_type.name} is available")
-        plan.tensors.append(PlannedTensor(gname, shape, decision, ref, kind, make))
+        kind, _ = _kind_of(gname, n_layers)
+        plan.tensors.append(PlannedTensor(gname, shape, TypeDecision(base_type), ref, kind, make))
 
     for fn in spec.extra_tensors:
         for kind, tensor in fn(ctx):
@@ -214,6 +210,18 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
     plan.tensors.sort(key=order)
     if not any(t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD for t in plan.tensors):
         raise ConversionError(f"{ck.path}: no token embedding tensor found; the checkpoint is incomplete")
+    inputs = [TensorPlanInput(t.gguf_name, t.shape, t.kind, _kind_of(t.gguf_name, n_layers)[1], n_layers,
+                              base_type, tied_output=not has_output) for t in plan.tensors]
+    # A policy sees one tensor at a time, unless it offers decide_all (whole-model rules such as
+    # llama.cpp's attn_v counting in the K-quant recipes): then it sees them all, in this order.
+    decide_all = getattr(policy, "decide_all", None)
+    decisions = decide_all(inputs) if decide_all is not None else [policy(i) for i in inputs]
+    if len(decisions) != len(inputs):
+        raise ConversionError(f"type policy returned {len(decisions)} decisions for {len(inputs)} tensors")
+    for t, d in zip(plan.tensors, decisions):
+        if d.ggml_type not in REGISTRY and d.encoder is None:
+            raise ConversionError(f"{t.gguf_name}: no encoder for type {d.ggml_type.name} is available")
+        t.decision = d
     return plan
 
 

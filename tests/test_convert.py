@@ -297,3 +297,36 @@ def test_hub_repo_id_resolves_from_the_offline_cache(llama_ckpt, tmp_path, monke
     files = no_output_left(tmp_path)
     print(files)
     assert len(files) == 1 and re.fullmatch(r"[Tt]iny-[Ll]lama-\d+(\.\d+)?K-F16\.gguf", files[0])
+
+
+def test_whole_model_policy_hook(llama_ckpt, tmp_path):
+    """A policy with decide_all sees every tensor at once, in canonical order, and its types are written."""
+    from gguf import GGMLQuantizationType as T
+
+    from edgeinfer.quant.convert import convert, plan_conversion
+    from edgeinfer.quant.policy import TypeDecision, default_policy
+
+    class EveryOtherAttnV:
+        seen: list[str] = []
+
+        def decide_all(self, inputs):
+            self.seen = [i.name for i in inputs]
+            out, n_v = [], 0
+            for i in inputs:
+                d = default_policy(i)
+                if i.name.endswith("attn_v.weight"):
+                    d = TypeDecision(T.Q8_0 if n_v % 2 == 0 else T.Q4_0, f"attn_v #{n_v}")
+                    n_v += 1
+                out.append(d)
+            return out
+
+    pol = EveryOtherAttnV()
+    plan = plan_conversion(llama_ckpt, "Q5_1", policy=pol)
+    print(pol.seen[:4], "...", pol.seen[-2:])
+    assert pol.seen[0] in ("rope_freqs.weight", "token_embd.weight") and pol.seen[-1].startswith("output")
+    types = {t.gguf_name: t.ggml_type for t in plan.tensors}
+    assert types["blk.0.attn_v.weight"] == T.Q8_0 and types["blk.1.attn_v.weight"] == T.Q4_0
+    assert types["blk.0.ffn_up.weight"] == T.Q5_1
+    out = convert(llama_ckpt, tmp_path / "mix.gguf", "Q5_1", policy=pol)
+    written = {t.name: t.qtype for t in validate_gguf(out).tensors}
+    assert written["blk.1.attn_v.weight"] == T.Q4_0
