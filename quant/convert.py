@@ -25,7 +25,8 @@ from gguf import GGMLQuantizationType as T
 
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant import archs as A
-from edgeinfer.quant.policy import FILE_TYPES, Policy, TensorPlanInput, TypeDecision, default_policy
+from edgeinfer.quant.policy import (FILE_TYPES, Policy, RecipePolicy, TensorPlanInput, TypeDecision, default_policy,
+                                    recipe_names)
 from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, quantize
 from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
 from edgeinfer.quant.vocab import Vocab, load_vocab
@@ -65,6 +66,7 @@ class ConversionPlan:
     ctx: A.ArchContext
     vocab: Vocab
     qtype: str
+    file_type: gguf.LlamaFileType
     tensors: list[PlannedTensor] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -125,13 +127,22 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
     Raises:
         ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes).
     """
-    try:
-        base_type = T[qtype.upper()]
-    except KeyError:
-        raise ConversionError(f"unknown --qtype {qtype!r}; choose one of {', '.join(FILE_TYPES)}") from None
+    qtype = qtype.upper()
+    mixes = recipe_names()
+    if qtype in FILE_TYPES:
+        base_type, file_type = T[qtype], FILE_TYPES[qtype]
+    elif qtype in mixes:
+        base_type, file_type = mixes[qtype]
+    else:
+        raise ConversionError(f"unknown --qtype {qtype!r}; choose one of {', '.join([*FILE_TYPES, *mixes])}")
     ck = open_checkpoint(src, offline=offline)
     spec = A.find_arch(ck.config, str(ck.path / "config.json"))
     cfg = A.text_config(ck.config)
+    if qtype in mixes and policy is default_policy:
+        policy = RecipePolicy(qtype, int(cfg.get("num_hidden_layers") or 0), spec.gguf_arch_name,
+                              int(cfg.get("num_attention_heads") or 1),
+                              int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1),
+                              int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0))
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
         if not isinstance(cfg.get(key), int):
             raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
@@ -142,7 +153,7 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
     tie = bool(cfg.get("tie_word_embeddings", ck.config.get("tie_word_embeddings", False)))
     refs = sorted(ck.tensors.values(), key=lambda r: (str(r.file), r.start))
     has_output = any(A.gguf_name(spec, name_map, r.name) == "output.weight" for r in refs) and not tie
-    plan = ConversionPlan(ck, spec, ctx, vocab, qtype.upper())
+    plan = ConversionPlan(ck, spec, ctx, vocab, qtype, file_type)
     trims = A.trim_vocab in spec.fixups
 
     def add(gname: str, shape: tuple[int, ...], ref: TensorRef | None, make=None) -> None:
@@ -255,8 +266,7 @@ def _build_writer(plan: ConversionPlan) -> gguf.GGUFWriter:
     _metadata(plan).set_gguf_meta_model(w)
     for hp in plan.spec.hparams:
         hp(w, plan.ctx)
-    if plan.qtype in FILE_TYPES:
-        w.add_file_type(FILE_TYPES[plan.qtype])
+    w.add_file_type(plan.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     plan.vocab.add_to_gguf(w)
     for t in plan.tensors:
@@ -393,7 +403,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype:
         src: checkpoint folder or hub repo id.
         out: output file, or a folder (the llama.cpp-style default name is used inside), or None
             (default name in the current folder).
-        qtype: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0 or Q4_1.
+        qtype: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, or a llama.cpp mix from ``recipes.py``
+            (Q4_K_M, Q5_K_S, Q6_K, ...).
     Returns:
         The path written.
     """

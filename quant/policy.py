@@ -100,3 +100,36 @@ def default_policy(t: TensorPlanInput) -> TypeDecision:
         why = "no Q6_K encoder registered" if T.Q6_K not in REGISTRY else f"row length {cols} not divisible by 256"
         return TypeDecision(T.Q8_0, f"output projection -> Q8_0 ({why})")
     return fallback_for_shape(t, want)
+
+
+class RecipePolicy:
+    """llama.cpp's per-tensor mixes (Q4_K_M, Q5_K_S, ...; ``recipes.py``) as a whole-model policy.
+
+    The recipe engine numbers tensors the way llama-quantize visits them, so it decides all
+    tensors at once (:meth:`decide_all`).
+    """
+
+    def __init__(self, recipe: str, n_layer: int, arch: str, n_head: int, n_head_kv: int, n_expert: int = 0):
+        from edgeinfer.quant import recipes
+
+        self.recipes = recipes
+        self.recipe = recipe
+        self.ctx = recipes.RecipeContext(n_layer=n_layer, arch=arch, n_head=n_head, n_head_kv=n_head_kv,
+                                         n_expert=n_expert)
+
+    def decide_all(self, inputs: list[TensorPlanInput]) -> list[TypeDecision]:
+        # the engine takes GGUF shapes (ne0 = row length first)
+        entries = self.recipes.plan([(i.name, tuple(reversed(i.shape))) for i in inputs], self.recipe, self.ctx)
+        return [TypeDecision(e.ggml_type, e.reason) for e in entries]
+
+    def __call__(self, t: TensorPlanInput) -> TypeDecision:
+        return self.decide_all([t])[0]
+
+
+def recipe_names() -> dict[str, tuple[T, gguf.LlamaFileType]]:
+    """Mixes beyond :data:`FILE_TYPES` that ``recipes.py`` provides (empty if it is absent)."""
+    try:
+        from edgeinfer.quant import recipes
+    except ImportError:
+        return {}
+    return {k: v for k, v in recipes.RECIPES.items() if k not in FILE_TYPES}

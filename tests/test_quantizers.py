@@ -171,6 +171,14 @@ def test_converted_model_matches_llama_model_quantize(tmp_path):
     compare_with_llama_quantize(folder, tmp_path, ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 
 
+def test_k_quant_mixes_match_llama_model_quantize(tmp_path):
+    """`--qtype Q4_K_M` etc.: recipes.py's mix + kquants.py's encoders through the converter == llama-quantize."""
+    folder = _tiny_models.make_tiny_checkpoint("llama", tmp_path / "llama256", hidden_size=256,
+                                               intermediate_size=288, num_attention_heads=4, num_key_value_heads=2,
+                                               num_hidden_layers=3)
+    compare_with_llama_quantize(folder, tmp_path, ["Q4_K_M", "Q5_K_S", "Q6_K", "Q3_K_M"])
+
+
 @pytest.mark.slow
 def test_real_model_matches_llama_model_quantize(hf_default_checkpoint, tmp_path):
     """The exported SmolLM2 checkpoint: every tensor of every type byte-identical to llama.cpp's."""

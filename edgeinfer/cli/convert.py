@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or a hub repo id (owner/name)")
     p.add_argument("-o", "--output", metavar="OUT", default=None,
                    help="output .gguf file or folder (default: <Name>-<Size>-<QTYPE>.gguf in the current folder)")
-    p.add_argument("--qtype", default="Q8_0", type=str.upper, choices=QTYPES, help="tensor type (default Q8_0)")
+    p.add_argument("--qtype", default="Q8_0", type=str.upper, metavar="QTYPE",
+                   help=f"tensor type: {', '.join(QTYPES)}, or a llama.cpp mix such as Q4_K_M, Q5_K_M, Q6_K "
+                        f"(default Q8_0)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, size, bits/weight) and exit")
     p.add_argument("--threads", type=_num(int, 1), default=None, help="CPU threads for encoding (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
