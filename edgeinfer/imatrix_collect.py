@@ -1,0 +1,103 @@
+"""Collect an importance matrix (per-input-column activation statistics) with the torch engine.
+
+What is measured is what llama.cpp's ``llama-imatrix`` measures: for every weight matrix of the
+transformer blocks (``blk.*``; ``output.weight`` only with ``process_output``), the sum over all
+activation rows of ``x[col]**2`` for the matrix's input ``x``, and the number of rows. The text is
+cut into chunks of ``n_ctx`` tokens (BOS first when the model adds it), each run as one
+teacher-forced forward pass. The result is saved in llama.cpp's imatrix formats by
+:mod:`edgeinfer.quant.imatrix`, so files interchange with ``llama-imatrix`` / ``llama-quantize``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from edgeinfer.evaluate import chunks
+from edgeinfer.errors import EdgeinferError
+from edgeinfer.kernels.qlinear import FusedLinear, QuantLinear
+from edgeinfer.quant.imatrix import Imatrix
+
+
+def _wanted(name: str, process_output: bool) -> bool:
+    return name.startswith("blk.") or (process_output and name == "output.weight")
+
+
+def _targets(model: torch.nn.Module, process_output: bool) -> list[tuple[torch.nn.Module, list[str]]]:
+    """(module whose input to record, GGUF weight names that read that input)."""
+    out: list[tuple[torch.nn.Module, list[str]]] = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.path != "fused":
+            names = [m.name]
+        elif isinstance(m, FusedLinear):
+            continue  # handled through the parent that owns the parts
+        else:
+            names = None
+        if names:
+            if _wanted(names[0], process_output):
+                out.append((m, names))
+            continue
+        for attr, parts in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gate_up", ("ffn_gate", "ffn_up"))):
+            fused = getattr(m, attr, None)
+            if isinstance(fused, FusedLinear):
+                names = [getattr(m, p).name for p in parts]
+                out.append((fused, [n for n in names if _wanted(n, process_output)]))
+    return out
+
+
+def collect_imatrix(backend, text: str, n_ctx: int = 512, max_chunks: int | None = None,
+                    process_output: bool = False, dataset: str = "",
+                    on_chunk: Callable[[int, int], None] | None = None) -> Imatrix:
+    """Run ``text`` through ``backend`` (a :class:`~edgeinfer.backends.torch_engine.TorchBackend`).
+
+    Args:
+        backend: the loaded torch engine (its ``model`` and ``logits(tokens)`` are used).
+        text: calibration text.
+        n_ctx: tokens per chunk (llama-imatrix's ``-c``, default 512).
+        max_chunks: stop after this many chunks.
+        process_output: also collect ``output.weight`` (llama-imatrix's ``--process-output``).
+        dataset: name recorded in the file.
+        on_chunk: progress callback ``(done, total)``.
+    Returns:
+        an :class:`~edgeinfer.quant.imatrix.Imatrix` with one entry per weight matrix.
+    Raises:
+        EdgeinferError: the text is shorter than one chunk, or ``n_ctx`` exceeds the context.
+    """
+    if n_ctx > backend.n_ctx:
+        raise EdgeinferError(f"--ctx {n_ctx} exceeds the loaded context ({backend.n_ctx}); load with a larger context")
+    tokens = backend.tokenize(text, add_special=False)
+    add_bos = bool(backend.header.metadata.get("tokenizer.ggml.add_bos_token", False))
+    bos = int(backend.header.metadata.get("tokenizer.ggml.bos_token_id", -1))
+    todo = list(chunks(tokens, n_ctx, add_bos and bos >= 0, bos, max_chunks))
+    if not todo:
+        raise EdgeinferError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=n_ctx)
+    hooks = []
+
+    def make_hook(names: list[str]):
+        def hook(_module, args):
+            x = args[0]
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [rows, K]
+            sq = (x2 * x2).sum(dim=0).cpu().numpy()
+            for n in names:
+                im.add(n, sq, x2.shape[0])
+
+        return hook
+
+    for module, names in _targets(backend.model, process_output):
+        if names:
+            hooks.append(module.register_forward_pre_hook(make_hook(names)))
+    if not hooks:
+        raise EdgeinferError(f"{backend.path}: found no weight matrices to collect statistics for")
+    try:
+        with torch.inference_mode():
+            for i, chunk in enumerate(todo):
+                backend.logits(chunk)
+                im.chunk_count += 1
+                if on_chunk:
+                    on_chunk(i + 1, len(todo))
+    finally:
+        for h in hooks:
+            h.remove()
+    return im
