@@ -76,3 +76,32 @@ def test_default_model_self_reference_and_saved_logits(default_gguf, tmp_path):
     assert r2.mean_kl < 1e-3 and r2.top1_agreement > 0.97  # fp16 storage of the reference only
     with pytest.raises(EdgeinferError, match="--ctx"):
         evaluate(m, text, n_ctx=64, max_chunks=1, ref_logprobs=load_saved_logprobs(saved), progress=False)
+
+
+def test_f32_gguf_perplexity_equals_transformers(hf_default_checkpoint, tmp_path):
+    """The evaluator (llama.cpp logits) on an F32 GGUF vs transformers on the same tokens: within 0.5 %."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeinfer.quant.convert import convert
+
+    f32 = convert(hf_default_checkpoint, tmp_path / "smol-f32.gguf", "F32")
+    text = load_text("@stdlib-eval")[:8000]
+    n_ctx, n_chunks = 256, 3
+    m = LlamaCppLogits(f32, n_ctx=n_ctx, n_threads=1)
+    ours = evaluate(m, text, n_ctx=n_ctx, max_chunks=n_chunks, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(hf_default_checkpoint, torch_dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for ch in chunks(m.tokenize(text), n_ctx, m.add_bos, m.bos_id, n_chunks):
+            logits = hf(torch.tensor([ch])).logits[0].double()
+            lp = torch.log_softmax(logits[n_ctx // 2:-1], -1)
+            tgt = torch.tensor(ch[n_ctx // 2 + 1:])
+            nll -= lp[torch.arange(len(tgt)), tgt].sum().item()
+            n += len(tgt)
+    ref_ppl = math.exp(nll / n)
+    rel = abs(ours.perplexity - ref_ppl) / ref_ppl
+    print(f"F32 GGUF perplexity: edgeinfer eval {ours.perplexity:.5f}, transformers {ref_ppl:.5f}, "
+          f"relative difference {rel:.2e} over {n} tokens")
+    assert ours.n_tokens == n
+    assert rel < 0.005
