@@ -182,7 +182,7 @@ def test_k_quant_mixes_match_llama_model_quantize(tmp_path):
 @pytest.mark.slow
 def test_real_model_matches_llama_model_quantize(hf_default_checkpoint, tmp_path):
     """The exported SmolLM2 checkpoint: every tensor of every type byte-identical to llama.cpp's."""
-    compare_with_llama_quantize(hf_default_checkpoint, tmp_path, ["Q8_0", "Q4_0", "Q5_1"])
+    compare_with_llama_quantize(hf_default_checkpoint, tmp_path, ["Q8_0", "Q4_0", "Q5_1", "Q4_K_M"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
