@@ -11,6 +11,9 @@ mps     bounded dequant (torch ops) + fp16 matmul                    (same)
 cpu     torch packed int4 / int8 kernels (:mod:`cpu_packed`)         bounded dequant + fp32 matmul
 ======  =========================================================  ===============================
 
+With ``numerics="llama.cpp"`` every layer instead reproduces llama.cpp's CPU roundings (8-bit
+activation blocks, see :mod:`ggml_numerics`): a parity mode, slow and 4 bytes per weight.
+
 F32/F16/BF16 weights are plain float tensors (they are not quantized). The raw uint8 blocks of a
 memory-mapped GGUF stay mapped on CPU until a path needs them elsewhere.
 """
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from edgeinfer.kernels import cpu_packed
+from edgeinfer.kernels.ggml_numerics import GGMLMatmul
 from edgeinfer.kernels.dequant import dequantize
 
 T = gguf.GGMLQuantizationType
@@ -52,10 +56,11 @@ class QuantLinear(nn.Module):
         bias: optional float32 [N].
         device: where the layer runs.
         name: tensor name, for error messages and the load report.
+        numerics: "fast" (the device's kernels) or "llama.cpp" (:class:`GGMLMatmul`, path "ggml").
     """
 
     def __init__(self, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu", name: str = ""):
+                 device: torch.device | str = "cpu", name: str = "", numerics: str = "fast"):
         super().__init__()
         self.qtype, self.in_features, self.out_features, self.name = T(qtype), k, n, name
         self.device = torch.device(device)
@@ -63,8 +68,12 @@ class QuantLinear(nn.Module):
         self.packed = None
         self.weight = None
         self.raw = None
+        self.ggml = None
         dev = self.device.type
-        if FORCE_PATH and self.qtype not in FLOAT_TYPES:
+        if numerics == "llama.cpp":
+            self.ggml = GGMLMatmul(raw, self.qtype, n, k, self.device)
+            self.path = "ggml"
+        elif FORCE_PATH and self.qtype not in FLOAT_TYPES:
             self.raw = raw.to(self.device)
             self.path = FORCE_PATH
         elif self.qtype in FLOAT_TYPES:
@@ -89,6 +98,8 @@ class QuantLinear(nn.Module):
         """Bytes this layer's weights occupy on its device."""
         if self.packed is not None:
             return self.packed.nbytes()
+        if self.ggml is not None:
+            return self.ggml.nbytes()
         t = self.weight if self.weight is not None else self.raw
         return t.numel() * t.element_size()
 
@@ -98,6 +109,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.path == "cpu-packed":
             y = self.packed.matmul(x2)
+        elif self.path == "ggml":
+            y = self.ggml(x2)
         elif self.path == "dense":
             y = torch.nn.functional.linear(x2.to(self.weight.dtype), self.weight).float()
         elif self.path == "triton":

@@ -194,6 +194,9 @@ class Attention(nn.Module):
         self.scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
         self.window = a.sliding_window if a.is_swa(layer) else 0
         self.qkv = None  # optional fused q/k/v projection returning (q, k, v), set by a loader
+        # optional numeric policy for softmax(q k^T) v, called as core(q, keys, vals, mask, scale)
+        # -> [B, H, S, D] float32 (e.g. llama.cpp's fp16 roundings), set by a loader
+        self.core = None
         self.rope: Rope | None = None  # set by Transformer.setup
         self.cache: KVCache | None = None
 
@@ -209,6 +212,9 @@ class Attention(nn.Module):
         q, k = self.rope(q, pos0), self.rope(k, pos0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         keys, vals, mask = self.cache.update(k, v, pos0)  # [B, H_kv, L, D]
+        if self.core is not None:
+            o = self.core(q, keys, vals, mask, self.scale)  # [B, H, S, D]
+            return self.attn_output(o.transpose(1, 2).reshape(b, s, self.n_head * self.hd).float())
         q = q.to(keys.dtype)
         if s == 1 and mask is None:  # decode: two small matmuls beat SDPA's per-call cost on CPU
             g = self.n_head // self.n_kv  # query head h reads kv head h // g

@@ -26,6 +26,7 @@ from edgeinfer.backends.common import PromptBuilder, default_threads, process_me
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
 from edgeinfer.generation import stream_events
+from edgeinfer.kernels.ggml_numerics import resolve_numerics
 from edgeinfer.gguf_check import validate_gguf
 from edgeinfer.sampling import Sampler
 
@@ -55,8 +56,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, path: str | os.PathLike, opts: LoadOptions | None = None):
+    def __init__(self, path: str | os.PathLike, opts: LoadOptions | None = None, numerics: str | None = None):
+        """Load ``path``. ``numerics``: "fast" (default) or "llama.cpp" (reproduce llama.cpp's CPU
+        roundings for parity checks; slow, float32 weights); None reads ``$EDGEINFER_NUMERICS``."""
         opts = opts or LoadOptions()
+        self.numerics = resolve_numerics(numerics)
         self.path = Path(path)
         self.header = validate_gguf(self.path)  # raises InvalidModelError before native code
         self.device = pick_device(opts.device)
@@ -69,7 +73,7 @@ class TorchBackend:
             n_ctx = min(n_ctx, n_ctx_train)
         self.n_ctx = n_ctx
         t0 = time.perf_counter()
-        self.model, self.report = load_model(self.path, self.device, n_ctx, self.header)
+        self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics)
         import llama_cpp
 
         self._lc = llama_cpp
@@ -139,7 +143,7 @@ class TorchBackend:
             quant=quant_label(h),
             load_s=self.load_s,
             has_chat_template=not self.prompts.template.is_fallback,
-            extra={"threads": self.n_threads, "kernels": dict(self.report.paths),
+            extra={"threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
                    "weight_bytes": self.report.weight_bytes},
         )
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.gguf_check import GGUFFile, validate_gguf
+from edgeinfer.kernels import ggml_numerics
 from edgeinfer.kernels.dequant import SUPPORTED, dequantize, row_bytes
 from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear, fuse
 from edgeinfer.models.base import Transformer, gguf_name, module_path
@@ -77,8 +78,12 @@ def _release_pages(mm: np.memmap) -> None:
 
 
 def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
-               header: GGUFFile | None = None) -> tuple[Transformer, LoadReport]:
+               header: GGUFFile | None = None, numerics: str = "fast") -> tuple[Transformer, LoadReport]:
     """Build the model of GGUF ``path`` on ``device`` with caches for ``n_ctx`` positions.
+
+    ``numerics="llama.cpp"`` swaps in llama.cpp's roundings instead of the fast kernels
+    (:mod:`edgeinfer.kernels.ggml_numerics`): 8-bit activation blocks in every quantized
+    matmul, an fp16 KV cache, fp16 Q and softmax in attention.
 
     Raises:
         InvalidModelError: unsupported architecture or tensor type, missing or misshapen tensors.
@@ -119,7 +124,8 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
                     raise InvalidModelError(f"{path}: tensor {bname} is missing")
                 bias = dequantize(_raw(mm, h, bname, tensors[bname]), tensors[bname].qtype).reshape(-1)
                 used.add(bname)
-            q = QuantLinear(_raw(mm, h, gname, t), t.qtype, mod.out_features, mod.in_features, bias, device, gname)
+            q = QuantLinear(_raw(mm, h, gname, t), t.qtype, mod.out_features, mod.in_features, bias, device, gname,
+                            numerics=numerics)
             parent, _, child = mod_name.rpartition(".")
             setattr(modules[parent] if parent else model, child, q)
             report.paths[f"{t.qtype.name}:{q.path}"] += 1
@@ -154,5 +160,9 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
         f.gate_up = fuse([f.ffn_gate, f.ffn_up])
     _release_pages(mm)
     cache_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    if numerics == "llama.cpp":
+        cache_dtype = torch.float16  # llama.cpp's default type_k / type_v
+        for layer in model.layers:
+            layer.attn.core = ggml_numerics.attention
     model.setup(n_ctx, device, cache_dtype)
     return model, report
