@@ -133,6 +133,10 @@ class GGMLMatmul:
         device: where the dequantized weights live and the matmul runs.
     """
 
+    #: Accumulation dtype of the matmuls (tests set float64 to measure how much 1-ulp summation
+    #: differences alone move the model's output: the reproducibility floor).
+    ACCUM = torch.float32
+
     def __init__(self, raw: torch.Tensor, qtype: T, n: int, k: int, device: torch.device | str = "cpu"):
         self.qtype, self.act = T(qtype), VEC_DOT_TYPE.get(T(qtype))
         if self.act is None:
@@ -157,21 +161,29 @@ class GGMLMatmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N] float32."""
         x = x.float()
-        if self.act == T.F32:
-            return x @ self.weight.T
-        if self.act == T.F16:
-            return x.half().float() @ self.weight.T
-        if self.act == T.BF16:
-            return x.bfloat16().float() @ self.weight.T
         m = x.shape[0]
-        if self.act == T.Q8_K:
+        s = None
+        if self.act == T.F32:
+            xq = x
+        elif self.act == T.F16:
+            xq = x.half().float()
+        elif self.act == T.BF16:
+            xq = x.bfloat16().float()
+        elif self.act == T.Q8_K:
             q, d = quantize_q8_k(x)
-            return (q * d).reshape(m, -1) @ self.weight.T
-        if self.act == T.Q8_0:
+            xq = (q * d).reshape(m, -1)
+        elif self.act == T.Q8_0:
             q, d = quantize_q8_0(x)
-            return (q * d).reshape(m, -1) @ self.weight.T
-        q, d, s = quantize_q8_1(x)  # Q8_1 with an offset weight: sum_b d_w d_a isum_b + m_w s_a
-        return (q * d).reshape(m, -1) @ self.weight.T + s.reshape(m, -1) @ self.offsets.T
+            xq = (q * d).reshape(m, -1)
+        else:  # Q8_1 with an offset weight: sum_b d_w d_a isum_b + m_w s_a
+            q, d, s = quantize_q8_1(x)
+            xq = (q * d).reshape(m, -1)
+        a = self.ACCUM
+        w = self.weight if a == torch.float32 else self.weight.to(a)
+        y = xq.to(a) @ w.T
+        if s is not None:
+            y = y + s.reshape(m, -1).to(a) @ self.offsets.to(a).T
+        return y.float()
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None,

@@ -12,8 +12,11 @@ every run):
   that to the same ~3 % logit difference. Proof: our own mode with float64 instead of float32
   accumulation differs from itself by rel 2.7e-2 / top-1 96.7 %, and **llama.cpp differs from
   itself** by rel 2.2e-2 / top-1 96.3 % between one-token decode steps (n_batch=1) and one
-  batched pass. So 99 % top-1 against llama.cpp is below llama.cpp's own reproducibility on this
-  Q4_1 model; the test asserts we are as close to llama.cpp as llama.cpp is to itself.
+  batched pass (slow test). So 99 % top-1 against llama.cpp is below llama.cpp's own
+  reproducibility on this Q4_1 model; the tests assert we are as close to llama.cpp as these floors.
+* greedy, 32 tokens, 3 prompts (slow test): identical for 7 / 10 / 20 tokens, then a token whose
+  llama.cpp (batched re-evaluation) margin is -0.150 / -0.049 / -0.008: llama.cpp itself prefers
+  our token when it evaluates the prefix in one pass.
 """
 
 from __future__ import annotations
@@ -103,19 +106,22 @@ def torch_lcpp(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def lcpp_stats(default_gguf, torch_lcpp):
-    from llama_cpp import Llama
+def lcpp_tokens(torch_lcpp):
+    return torch_lcpp.tokenize(natural_text(), add_special=False)[:N_POS]
 
-    toks = torch_lcpp.tokenize(natural_text(), add_special=False)[:N_POS]
-    ref = llama_logits(default_gguf, toks)
-    ours = compare(ref, torch_lcpp.logits(toks).double().numpy())
-    llm = Llama(str(default_gguf), n_ctx=1024, n_threads=2, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
+
+@pytest.fixture(scope="module")
+def lcpp_stats(default_gguf, torch_lcpp, lcpp_tokens):
+    """(ours vs llama.cpp, ours with float64 accumulation vs ours): the second is the floor that
+    1-ulp summation differences alone produce through the 8-bit activation codes."""
+    ref = llama_logits(default_gguf, lcpp_tokens)
+    ours = torch_lcpp.logits(lcpp_tokens).double().numpy()
+    gn.GGMLMatmul.ACCUM = torch.float64
     try:
-        llm.eval(toks)
-        steps = np.array(llm.scores[:N_POS], dtype=np.float64)
+        ours64 = torch_lcpp.logits(lcpp_tokens).double().numpy()
     finally:
-        llm.close()
-    return ours, compare(ref, steps)
+        gn.GGMLMatmul.ACCUM = torch.float32
+    return compare(ref, ours), compare(ours64, ours)
 
 
 def test_llamacpp_numerics_parity_on_default_model(torch_lcpp, lcpp_stats):
@@ -125,13 +131,32 @@ def test_llamacpp_numerics_parity_on_default_model(torch_lcpp, lcpp_stats):
     flips = [(int(i), round(float(s["margin"][i]), 3)) for i in s["disagree"]]
     print(f"numerics=llama.cpp, {N_POS} positions: rel err {s['rel']:.3e}, KL/pos mean {s['kl_mean']:.2e} max "
           f"{s['kl_max']:.2e}, top-1 {s['top1']:.2%}; disagreements (pos, llama.cpp margin) {flips}")
-    print(f"llama.cpp vs itself (n_batch=1 decode steps vs one batched pass): rel {own['rel']:.3e}, KL/pos mean "
-          f"{own['kl_mean']:.2e} max {own['kl_max']:.2e}, top-1 {own['top1']:.2%} -- the reproducibility floor")
-    # as close to llama.cpp as llama.cpp is to itself (measured: 97.0 % vs 96.3 %, rel 2.6e-2 vs 2.2e-2)
+    print(f"same mode, float64 vs float32 accumulation: rel {own['rel']:.3e}, KL/pos mean {own['kl_mean']:.2e} max "
+          f"{own['kl_max']:.2e}, top-1 {own['top1']:.2%} -- the floor that 1-ulp differences alone produce")
+    # as close to llama.cpp as our own mode is to itself under a 1-ulp change (measured 97.0 % vs 96.7 %)
     assert s["top1"] >= own["top1"] - 0.02 and s["rel"] < 1.6 * own["rel"] and s["kl_mean"] < 2 * own["kl_mean"]
     assert all(m < noise for _, m in flips), "a disagreement at a confident position is not numerical noise"
 
 
+@pytest.mark.slow
+def test_llamacpp_reproducibility_floor(default_gguf, lcpp_tokens, lcpp_stats):
+    # llama.cpp against itself: one-token decode steps (n_batch=1) vs one batched pass (~60 s)
+    from llama_cpp import Llama
+
+    llm = Llama(str(default_gguf), n_ctx=1024, n_threads=2, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
+    try:
+        llm.eval(lcpp_tokens)
+        steps = np.array(llm.scores[:N_POS], dtype=np.float64)
+    finally:
+        llm.close()
+    own, s = compare(llama_logits(default_gguf, lcpp_tokens), steps), lcpp_stats[0]
+    print(f"llama.cpp vs itself (n_batch=1 vs batched): rel {own['rel']:.3e}, KL/pos mean {own['kl_mean']:.2e}, "
+          f"top-1 {own['top1']:.2%}; torch numerics=llama.cpp vs llama.cpp: rel {s['rel']:.3e}, top-1 {s['top1']:.2%}")
+    assert own["top1"] < 0.99  # measured 96.3 %: 99 % is below llama.cpp's own reproducibility here
+    assert s["top1"] >= own["top1"] - 0.02
+
+
+@pytest.mark.slow
 def test_llamacpp_numerics_greedy(default_gguf, torch_lcpp, llama_default, lcpp_stats):
     sp = SamplingParams(temperature=0, max_tokens=32)
     noise = 4 * lcpp_stats[1]["dmargin_std"]
