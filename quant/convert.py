@@ -6,7 +6,8 @@ and tensor table, streams each tensor (read from its memory map -> float32 -> fi
 file) and renames the temporary file into place only once everything is written.
 
 Data flow: source.py (files) -> archs.py (names, fix-ups, hparams) -> vocab.py (tokenizer) ->
-policy.py (types) -> quantizers.py (bytes) -> gguf.GGUFWriter.
+policy.py (types) -> imatrix (per-tensor importance weights, optional) -> quantizers.py (bytes) ->
+gguf.GGUFWriter.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from gguf import GGMLQuantizationType as T
 
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant import archs as A
+from edgeinfer.quant.imatrix import Imatrix, ImatrixError, load_imatrix
 from edgeinfer.quant.policy import (FILE_TYPES, Policy, RecipePolicy, TensorPlanInput, TypeDecision, default_policy,
                                     recipe_names)
-from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, quantize
+from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, quantize, uses_imatrix
 from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
 from edgeinfer.quant.vocab import Vocab, load_vocab
 
@@ -44,6 +46,8 @@ class PlannedTensor:
     source: TensorRef | None  # None for generated tensors
     kind: gguf.MODEL_TENSOR | None = None
     make: Callable[[], torch.Tensor] | None = None  # generated tensors
+    importance: np.ndarray | None = None  # imatrix weights [cols] for the weighted encoder, if used
+    imatrix_note: str = ""  # --dry-run: "used", "no entry", "ignored by Q8_0", ...
 
     @property
     def ggml_type(self) -> T:
@@ -69,6 +73,7 @@ class ConversionPlan:
     file_type: gguf.LlamaFileType
     tensors: list[PlannedTensor] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    imatrix_path: Path | None = None  # the importance matrix the plan uses (None: none)
 
     @property
     def n_params(self) -> int:
@@ -117,15 +122,18 @@ def _expected_bias(kind, c: A.ArchContext):
 
 
 def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy = default_policy,
-                    offline: bool | None = None) -> ConversionPlan:
+                    offline: bool | None = None, imatrix: str | os.PathLike | None = None) -> ConversionPlan:
     """Decide everything about the output without reading any tensor data.
 
     Args:
         src: checkpoint folder or hub repo id.
         qtype: one of :data:`edgeinfer.quant.policy.FILE_TYPES` (or a type a recipe understands).
         policy: per-tensor type decision (:func:`default_policy` reproduces llama.cpp).
+        imatrix: a llama.cpp importance-matrix file (GGUF or legacy .dat), used as
+            ``llama-quantize --imatrix`` uses it (see :func:`assign_imatrix`).
     Raises:
-        ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes).
+        ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes,
+            an unreadable imatrix or one computed for another model).
     """
     qtype = qtype.upper()
     mixes = recipe_names()
@@ -135,14 +143,18 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         base_type, file_type = mixes[qtype]
     else:
         raise ConversionError(f"unknown --qtype {qtype!r}; choose one of {', '.join([*FILE_TYPES, *mixes])}")
+    im = _read_imatrix(imatrix) if imatrix is not None else None
     ck = open_checkpoint(src, offline=offline)
     spec = A.find_arch(ck.config, str(ck.path / "config.json"))
     cfg = A.text_config(ck.config)
-    if qtype in mixes and policy is default_policy:
+    # with an imatrix the legacy types follow the recipe engine too (its imatrix-only ffn_down rule)
+    by_recipe = qtype in mixes or (im is not None and base_type not in (T.F32, T.F16, T.BF16))
+    if by_recipe and policy is default_policy:
         policy = RecipePolicy(qtype, int(cfg.get("num_hidden_layers") or 0), spec.gguf_arch_name,
                               int(cfg.get("num_attention_heads") or 1),
                               int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1),
-                              int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0))
+                              int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+                              has_imatrix=im is not None)
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
         if not isinstance(cfg.get(key), int):
             raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
@@ -233,7 +245,73 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         if d.ggml_type not in REGISTRY and d.encoder is None:
             raise ConversionError(f"{t.gguf_name}: no encoder for type {d.ggml_type.name} is available")
         t.decision = d
+    if im is not None:
+        plan.imatrix_path = Path(imatrix)
+        assign_imatrix(plan.tensors, im, plan.imatrix_path)
     return plan
+
+
+# --------------------------------------------------------------------------- importance matrix
+
+
+def _read_imatrix(path: str | os.PathLike) -> Imatrix:
+    try:
+        return load_imatrix(path)
+    except ImatrixError as e:
+        raise ConversionError(f"--imatrix: {e}") from None
+
+
+def assign_imatrix(tensors: list[PlannedTensor], im: Imatrix, path: Path) -> None:
+    """Give every planned tensor its importance weights, as ``llama_model_quantize`` looks them up.
+
+    * an entry with a non-finite value refuses the whole file (llama.cpp throws at load);
+    * a quantized tensor (anything not kept F32) with an entry of the wrong size is an error
+      (the imatrix belongs to another model), except the token embedding, which is skipped
+      (llama.cpp's exception: the embedding is read by row, not multiplied);
+    * a tensor without an entry is logged and encoded without weights;
+    * the weights reach the encoder only where the type has a weighted encoder (K-quants,
+      Q4_0/Q4_1/Q5_0/Q5_1); Q8_0 and float types ignore them, as ggml does.
+    Sets ``importance`` and ``imatrix_note`` on each tensor.
+
+    Raises:
+        ConversionError: non-finite values, or an entry whose size does not fit its tensor.
+    """
+    for name, e in im.entries.items():
+        if not np.isfinite(e.sums).all():
+            raise ConversionError(f"{path}: imatrix entry {name} contains non-finite values; recompute the "
+                                  f"imatrix (`edgeinfer imatrix`)")
+    used = missing = 0
+    names = set()
+    for t in tensors:
+        if t.ggml_type == T.F32:
+            continue  # kept as is (norms, 1-D tensors): llama.cpp never looks them up
+        w = im.weights(t.gguf_name)
+        if w is None:
+            if uses_imatrix(t.ggml_type):
+                missing += 1
+                t.imatrix_note = "no entry"
+                log.info("%s: no imatrix entry in %s; quantized without importance weights", t.gguf_name, path)
+            continue
+        names.add(t.gguf_name)
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        if w.size != t.shape[-1] * n_mat:
+            what = (f"{path}: imatrix entry {t.gguf_name} has {w.size} values but the tensor {list(t.shape)} "
+                    f"needs {t.shape[-1] * n_mat}")
+            if t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
+                log.warning("%s; ignoring it for the token embedding (as llama.cpp)", what)
+                t.imatrix_note = "wrong size, ignored"
+                continue
+            raise ConversionError(f"{what}; the imatrix was computed for another model (recompute it with "
+                                  f"`edgeinfer imatrix` on this model)")
+        if uses_imatrix(t.ggml_type):
+            t.importance, t.imatrix_note = w, "used"
+            used += 1
+        else:
+            t.imatrix_note = f"ignored by {t.ggml_type.name}"
+    if not names:
+        log.warning("%s: none of its %d entries names a tensor of this model; quantizing without importance "
+                    "weights", path, len(im.entries))
+    log.info("imatrix %s: %d tensors weighted, %d without an entry", path, used, missing)
 
 
 # --------------------------------------------------------------------------- naming and metadata
@@ -324,7 +402,7 @@ def encode_tensor(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None 
     if t.decision.encoder is not None:
         out = np.asarray(t.decision.encoder(x2.contiguous()), dtype=np.uint8)
     else:
-        out = quantize(x2, t.ggml_type, n_threads=n_threads)
+        out = quantize(x2, t.ggml_type, n_threads=n_threads, imatrix=t.importance)
     del x, x2
     return out.reshape(-1)
 
@@ -342,7 +420,7 @@ def tensor_data(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None = 
 
         def chunks() -> Iterator[np.ndarray]:
             with t.source.open_rows() as reader:
-                for _, enc in encode_row_chunks(reader.rows, rows, cols, t.ggml_type, n_threads):
+                for _, enc in encode_row_chunks(reader.rows, rows, cols, t.ggml_type, n_threads, t.importance):
                     yield enc
 
         return StreamedTensor(chunks(), t.nbytes, on_chunk)
@@ -396,7 +474,8 @@ def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: b
 
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: str = "Q8_0", *,
             force: bool = False, policy: Policy = default_policy, progress: bool = False,
-            offline: bool | None = None, n_threads: int | None = None) -> Path:
+            offline: bool | None = None, n_threads: int | None = None,
+            imatrix: str | os.PathLike | None = None) -> Path:
     """Convert a checkpoint to GGUF (library entry point; the CLI is ``edgeinfer convert``).
 
     Args:
@@ -405,10 +484,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype:
             (default name in the current folder).
         qtype: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, or a llama.cpp mix from ``recipes.py``
             (Q4_K_M, Q5_K_S, Q6_K, ...).
+        imatrix: optional llama.cpp importance-matrix file (``edgeinfer imatrix``, ``llama-imatrix``).
     Returns:
         The path written.
     """
-    plan = plan_conversion(src, qtype, policy, offline=offline)
+    plan = plan_conversion(src, qtype, policy, offline=offline, imatrix=imatrix)
     if out is None:
         out = Path.cwd() / default_output_name(plan)
     else:

@@ -211,6 +211,21 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale).astype(F32), L
 
 
+def _c_min(x: np.ndarray) -> np.ndarray:
+    """C's ``min = x[0]; if (x[i] < min) min = x[i]; if (min > 0) min = 0;`` per column of x [n, G].
+
+    Equal to ``minimum(x.min(), 0)`` except for the sign of a zero minimum: C keeps the first
+    +-0.0 it meets (a legacy Q4_1/Q5_1 block stores ``m = min`` as is, so the sign shows).
+    """
+    mn = x.min(axis=0)
+    zero = mn == 0
+    if zero.any():
+        cols = np.nonzero(zero)[0]
+        first = np.argmax(x[:, cols] == 0, axis=0)
+        mn[cols] = x[first, cols]
+    return np.where(mn > 0, F32(0), mn).astype(F32)
+
+
 def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
              nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml ``make_qkx2_quants`` / ``make_qkx3_quants`` (identical once weights are given).
@@ -221,7 +236,7 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
     so the candidates are tried one after another (each over all groups at once).
     The hot loop makes 9 to 11 passes over [n, G] per candidate.
     """
-    mn = np.minimum(x.min(axis=0), F32(0))
+    mn = _c_min(x)
     mx = x.max(axis=0)
     flat = mx <= mn
     sum_w = _seqsum(w)

@@ -109,13 +109,15 @@ class RecipePolicy:
     tensors at once (:meth:`decide_all`).
     """
 
-    def __init__(self, recipe: str, n_layer: int, arch: str, n_head: int, n_head_kv: int, n_expert: int = 0):
+    def __init__(self, recipe: str, n_layer: int, arch: str, n_head: int, n_head_kv: int, n_expert: int = 0,
+                 has_imatrix: bool = False):
         from edgeinfer.quant import recipes
 
         self.recipes = recipes
         self.recipe = recipe
+        # has_imatrix switches llama.cpp's imatrix-only rules (e.g. Q4_0/Q5_0: first 8th of ffn_down -> Q4_1/Q5_1)
         self.ctx = recipes.RecipeContext(n_layer=n_layer, arch=arch, n_head=n_head, n_head_kv=n_head_kv,
-                                         n_expert=n_expert)
+                                         n_expert=n_expert, has_imatrix=has_imatrix)
 
     def decide_all(self, inputs: list[TensorPlanInput]) -> list[TypeDecision]:
         # the engine takes GGUF shapes (ne0 = row length first)

@@ -12,10 +12,18 @@ temporaries stay bounded whatever the tensor size.
 
 Other quant types (the K-quants in ``kquants.py``) plug in through :func:`register_encoder`; the
 per-tensor type decision lives in ``policy.py``.
+
+Importance matrices: a type may also register a *weighted* encoder
+(:func:`register_weighted_encoder`), ``f(x [rows, cols], qw [cols]) -> bytes``, which is what
+``llama_model_quantize`` runs when it has an imatrix entry for the tensor
+(``quantize_qX(..., quant_weights)``): the K-quants (``kquants.quantize_k``) and the legacy
+Q4_0/Q4_1/Q5_0/Q5_1 (``legacy_weighted.py``). Types without one (float types, Q8_0) ignore the
+weights, as ggml does. :func:`quantize` and :func:`encode_row_chunks` take ``imatrix=``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +36,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 # An encoder: float32 [rows, cols] (cols % block_size == 0) -> uint8 [rows, cols/bs*ts] (torch or numpy).
 EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+# A weighted encoder: (float32 [rows, cols] numpy, importance float32 [cols]) -> uint8 [rows, cols/bs*ts].
+WeightedEncodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 CHUNK_ELEMENTS = 1 << 18  # 256 Ki floats (1 MiB) per encoding step: stays in cache, bounds temporaries
 
@@ -40,6 +50,7 @@ class QuantType:
     encode: EncodeFn
     block_size: int
     type_size: int
+    encode_weighted: WeightedEncodeFn | None = None  # the imatrix path; None: weights are ignored
 
     @property
     def name(self) -> str:
@@ -72,6 +83,23 @@ def register_encoder(ggml_type: T, encode: EncodeFn) -> QuantType:
     return qt
 
 
+def register_weighted_encoder(ggml_type: T, encode_weighted: WeightedEncodeFn) -> QuantType:
+    """Attach an importance-weighted encoder to the already registered ``ggml_type``.
+
+    Raises:
+        KeyError: ``ggml_type`` has no plain encoder registered.
+    """
+    qt = dataclasses.replace(REGISTRY[ggml_type], encode_weighted=encode_weighted)
+    REGISTRY[ggml_type] = qt
+    return qt
+
+
+def uses_imatrix(ggml_type: T) -> bool:
+    """True if an importance matrix changes how ``ggml_type`` is encoded (a weighted encoder exists)."""
+    qt = REGISTRY.get(ggml_type)
+    return qt is not None and qt.encode_weighted is not None
+
+
 def get_quant_type(ggml_type: T) -> QuantType:
     """The registered :class:`QuantType` for ``ggml_type`` (KeyError if none is registered)."""
     return REGISTRY[ggml_type]
@@ -86,7 +114,8 @@ def default_threads() -> int:
 
 
 def encode_row_chunks(read: Callable[[int, int], "torch.Tensor | np.ndarray"], rows: int, cols: int,
-                      ggml_type: T, n_threads: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                      ggml_type: T, n_threads: int | None = None,
+                      imatrix: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Encode a ``[rows, cols]`` matrix read chunk by chunk; yield ``(r0, uint8 [r1-r0, row_bytes])`` in order.
 
     ``read(r0, r1)`` returns float values ``[r1-r0, cols]``. Chunks of ~``CHUNK_ELEMENTS`` values
@@ -95,8 +124,13 @@ def encode_row_chunks(read: Callable[[int, int], "torch.Tensor | np.ndarray"], r
     better than OpenMP's fork/join per operation (which spin-waits badly on a busy machine). At
     most ``2 * n_threads`` chunks are in flight, so memory stays bounded.
 
+    ``imatrix`` (float32 ``[n_mat * cols]``, llama.cpp's per-column importance; ``n_mat`` > 1 for
+    stacked experts, whose ``rows / n_mat`` rows each take their own slice) selects the type's
+    weighted encoder; a type without one ignores it (as ggml's Q8_0 and float types do).
+
     Raises:
-        ValueError: ``cols`` is not a multiple of the type's block size.
+        ValueError: ``cols`` is not a multiple of the type's block size, or the imatrix length
+            is not a multiple of ``cols`` dividing ``rows``.
     """
     qt = REGISTRY[ggml_type]
     if cols % qt.block_size:
@@ -104,10 +138,23 @@ def encode_row_chunks(read: Callable[[int, int], "torch.Tensor | np.ndarray"], r
     rb = qt.row_bytes(cols)
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     starts = list(range(0, rows, step))
+    qw = None
+    if imatrix is not None and qt.encode_weighted is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if qw.size % cols or rows % (qw.size // cols):
+            raise ValueError(f"imatrix of {qw.size} values does not fit a [{rows}, {cols}] tensor")
+        qw = qw.reshape(-1, cols)  # [n_mat, cols]
+    rows_per_mat = rows // qw.shape[0] if qw is not None else rows
 
     def work(r0: int) -> np.ndarray:
         r1 = min(rows, r0 + step)
         chunk = read(r0, r1)
+        if qw is not None:  # the imatrix path (numpy encoders), split where the expert changes
+            x = chunk.cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            cuts = [r0, *range((r0 // rows_per_mat + 1) * rows_per_mat, r1, rows_per_mat), r1]
+            parts = [qt.encode_weighted(x[a - r0:b - r0], qw[a // rows_per_mat]) for a, b in zip(cuts, cuts[1:])]
+            return np.asarray(np.concatenate(parts), dtype=np.uint8).reshape(r1 - r0, rb)
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(chunk)
         enc = qt.encode(chunk.to(torch.float32).contiguous())  # [r1-r0, cols] -> [r1-r0, rb]
@@ -141,18 +188,19 @@ def encode_row_chunks(read: Callable[[int, int], "torch.Tensor | np.ndarray"], r
 
 
 def encode_rows(read: Callable[[int, int], "torch.Tensor | np.ndarray"], rows: int, cols: int, ggml_type: T,
-                out: np.ndarray | None = None, n_threads: int | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, n_threads: int | None = None,
+                imatrix: np.ndarray | None = None) -> np.ndarray:
     """Like :func:`encode_row_chunks`, gathered into one ``uint8 [rows, row_bytes]`` array (``out`` if given)."""
     qt = REGISTRY[ggml_type]
     if out is None:
         out = np.empty((rows, qt.row_bytes(cols) if cols % qt.block_size == 0 else 0), dtype=np.uint8)
-    for r0, enc in encode_row_chunks(read, rows, cols, ggml_type, n_threads):
+    for r0, enc in encode_row_chunks(read, rows, cols, ggml_type, n_threads, imatrix):
         out[r0:r0 + enc.shape[0]] = enc
     return out
 
 
 def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None = None,
-             n_threads: int | None = None) -> np.ndarray:
+             n_threads: int | None = None, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Encode a float matrix with the registered encoder, in row chunks.
 
     Args:
@@ -160,6 +208,9 @@ def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None 
         ggml_type: target type; ``cols`` must be divisible by its block size.
         out: optional preallocated ``uint8 [rows, row_bytes]`` buffer.
         n_threads: worker threads (default: all usable cores).
+        imatrix: optional importance weights ``[cols]`` (``[n_mat * cols]`` for stacked experts):
+            the type's weighted encoder is used, as llama.cpp does with an imatrix entry; types
+            without one ignore it.
     Returns:
         ``uint8 [rows, row_bytes]`` numpy array (``[row_bytes]`` for 1-D input).
     Raises:
@@ -170,7 +221,8 @@ def quantize(x: torch.Tensor | np.ndarray, ggml_type: T, out: np.ndarray | None 
     one_d = x.ndim == 1
     x2 = x.reshape(1, -1) if one_d else x.reshape(-1, x.shape[-1])
     rows, cols = x2.shape
-    res = encode_rows(lambda r0, r1: x2[r0:r1], rows, cols, ggml_type, out=out, n_threads=n_threads)
+    res = encode_rows(lambda r0, r1: x2[r0:r1], rows, cols, ggml_type, out=out, n_threads=n_threads,
+                      imatrix=imatrix)
     return res.reshape(-1) if one_d else res
 
 
@@ -333,6 +385,17 @@ def _register_kquants() -> None:
         if kt not in REGISTRY:
             register_encoder(kt, lambda x, _kt=kt: kquants.quantize_k(
                 np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32), _kt, n_threads=torch.get_num_threads()))
+            register_weighted_encoder(kt, lambda x, qw, _kt=kt: kquants.quantize_k(
+                x, _kt, imatrix=qw, n_threads=torch.get_num_threads()))
+
+
+def _register_weighted_legacy() -> None:
+    """The imatrix encoders of Q4_0/Q4_1/Q5_0/Q5_1 (``legacy_weighted.py``, numpy)."""
+    from edgeinfer.quant import legacy_weighted
+
+    for lt in legacy_weighted.WEIGHTED_TYPES:
+        register_weighted_encoder(lt, lambda x, qw, _lt=lt: legacy_weighted.quantize_weighted(x, _lt, qw))
 
 
 _register_kquants()
+_register_weighted_legacy()

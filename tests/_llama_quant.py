@@ -18,7 +18,7 @@ import numpy as np
 
 # llama_ftype values (include/llama.h), by edgeinfer recipe name
 FTYPES = {
-    "Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15,
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15,
     "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
 }
 # ftype whose *default* tensor type is each K type (used with pure=True)

@@ -4,6 +4,7 @@ Examples:
   edgeinfer convert ./SmolLM2-135M-Instruct --qtype Q8_0
   edgeinfer convert Qwen/Qwen2.5-0.5B-Instruct --qtype Q4_0 -o qwen.gguf --offline
   edgeinfer convert ./model --qtype Q5_1 --dry-run
+  edgeinfer convert ./model --qtype Q4_K_M --imatrix imatrix.gguf   (from `edgeinfer imatrix` or llama-imatrix)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qtype", default="Q8_0", type=str.upper, metavar="QTYPE",
                    help=f"tensor type: {', '.join(QTYPES)}, or a llama.cpp mix such as Q4_K_M, Q5_K_M, Q6_K "
                         f"(default Q8_0)")
+    p.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="importance matrix (llama.cpp's GGUF or .dat format, e.g. from `edgeinfer imatrix`): "
+                        "weights the quantization error per input column, as llama-quantize --imatrix")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, size, bits/weight) and exit")
     p.add_argument("--threads", type=_num(int, 1), default=None, help="CPU threads for encoding (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -43,12 +47,14 @@ def print_plan(plan, out) -> None:
     from rich.table import Table
 
     table = Table(title=f"{plan.spec.name} -> {plan.spec.gguf_arch_name} GGUF, {plan.qtype}: {out}")
-    for col in ("tensor", "shape", "type", "size", "bpw", "note"):
+    cols = ("tensor", "shape", "type", "size", "bpw") + (("imatrix",) if plan.imatrix_path else ()) + ("note",)
+    for col in cols:
         table.add_column(col, justify="right" if col in ("size", "bpw") else "left")
     for t in plan.tensors:
         bpw = 8 * t.nbytes / max(t.n_elements, 1)
+        im = (t.imatrix_note,) if plan.imatrix_path else ()
         table.add_row(t.gguf_name, "x".join(map(str, t.shape)), t.ggml_type.name, _size(t.nbytes),
-                      f"{bpw:.2f}", t.decision.reason)
+                      f"{bpw:.2f}", *im, t.decision.reason)
     console = Console(width=max(120, Console().width))
     console.print(table)
     total_bpw = 8 * plan.nbytes / max(plan.n_params, 1)
@@ -56,6 +62,11 @@ def print_plan(plan, out) -> None:
                   f"{_size(plan.nbytes)} of tensor data ({total_bpw:.2f} bits/weight); "
                   f"vocabulary {len(plan.vocab)} tokens ({plan.vocab.model}"
                   f"{', pre=' + plan.vocab.pre if plan.vocab.pre else ''}); skipped: {len(plan.skipped)}")
+    if plan.imatrix_path:
+        used = sum(t.importance is not None for t in plan.tensors)
+        missing = sum(t.imatrix_note == "no entry" for t in plan.tensors)
+        console.print(f"imatrix {plan.imatrix_path}: {used} tensors quantized with importance weights, "
+                      f"{missing} without an entry (plain encoder)")
 
 
 def main(args) -> int:
@@ -63,7 +74,8 @@ def main(args) -> int:
 
     from edgeinfer.quant.convert import default_output_name, plan_conversion, write_gguf
 
-    plan = plan_conversion(args.src, args.qtype, offline=getattr(args, "offline", None) or None)
+    plan = plan_conversion(args.src, args.qtype, offline=getattr(args, "offline", None) or None,
+                           imatrix=args.imatrix)
     out = Path(args.output) if args.output else Path.cwd()
     if out.is_dir():
         out = out / default_output_name(plan)
