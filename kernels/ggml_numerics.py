@@ -30,8 +30,21 @@ Attention (:func:`attention`): K and V live in an fp16 cache; ``KQ = mul_mat(K_f
 Q to fp16 (F16's vec_dot_type), softmax is float32, ``KQV = mul_mat(V_f16, KQ)`` converts the
 probabilities to fp16; products accumulate in float32.
 
+Other x86 paths checked (``ggml-cpu/repack.cpp``, ``llamafile/sgemm.cpp``): Q4_1/Q5_1 have no
+repacked or tinyBLAS kernel; Q8_0 weights (also the tied ``token_embd``/output of the default model)
+are repacked only on NEON/RISC-V and take tinyBLAS or ``vec_dot_q8_0_q8_0`` -- the same Q8_0
+activations either way. Q4_0 and Q4_K are repacked on AVX2 (``q4_0_8x8``, ``q4_K_8x8``); for 4+
+rows they quantize activations with ``ggml_quantize_mat_q8_0_4x8`` / ``q8_K_4x8`` (x86
+``arch/x86/repack.cpp``), the same formulas as above except that q8_K_4x8 takes the positive
+element when +a and -a tie for the largest |x|.
+
 What stays different: float32 summation order (ggml accumulates per block in SIMD lanes, torch's
-sgemm in its own order) -- relative differences ~1e-7 per dot product.
+sgemm in its own order; RMSNorm, SiLU's and softmax's exp, RoPE angles) -- ~1e-7 relative. With
+8-bit activation codes that is NOT negligible: a 1-ulp change flips an occasional code and 30
+layers amplify it; on the default model this alone moves the logits by ~2.6e-2 relative (top-1
+~97 %), as much as llama.cpp differs from itself between decode steps and a batched pass
+(``tests/test_ggml_numerics.py`` measures both). Only a bit-exact replica of ggml's kernel order
+would agree better than that floor.
 
 Oracle: ``quantize_row_q8_0/q8_1/q8_K`` exported by llama-cpp-python's ``libggml-cpu``, called
 through ctypes in ``tests/test_ggml_numerics.py`` (byte-exact), and llama.cpp's logits.
