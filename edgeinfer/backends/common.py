@@ -43,6 +43,57 @@ def quant_label(h: GGUFFile) -> str:
     return counts.most_common(1)[0][0] if counts else "?"
 
 
+class LlamaCppVocab:
+    """Tokenizer methods for a backend holding a ``llama_cpp.Llama`` (full or ``vocab_only``).
+
+    Tokenization is exactly llama.cpp's. Subclasses call :meth:`_init_vocab` once the Llama is
+    loaded; they must also set ``self.prompts`` (a :class:`PromptBuilder`).
+    """
+
+    def _init_vocab(self, llm) -> None:
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self._tok_llm = llm
+        self._vocab = llm._model.vocab
+        self._pieces: dict[int, bytes] = {}
+
+    def _token_text(self, tok: int) -> str:
+        return self.piece(tok).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self._tok_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
+
+    def piece(self, tok: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered), cached.
+
+        (llama-cpp-python's own ``token_to_piece`` returns a fixed 32-byte, zero-padded buffer.)
+        """
+        b = self._pieces.get(tok)
+        if b is None:
+            import ctypes
+
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lc.llama_token_to_piece(self._vocab, tok, buf, size, 0, True)
+                if n >= 0:
+                    b = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[tok] = b
+        return b
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
+
+    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self.prompts.template.render(messages, add_generation_prompt)
+
+
 class PromptBuilder:
     """Turn a chat or a raw prompt into the text to tokenize, the way llama.cpp does.
 

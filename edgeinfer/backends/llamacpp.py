@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.backends.common import LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label
 from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.generation import stream_events
 from edgeinfer.gguf_check import validate_gguf
@@ -31,7 +31,7 @@ def check_known_architecture(h) -> None:
             f"{len(known)} architectures, e.g. llama, qwen2, qwen3, gemma3, mistral3 — is the file from a newer tool?")
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(LlamaCppVocab):
     """A GGUF loaded in llama.cpp. Implements :class:`edgeinfer.backend.Backend`."""
 
     name = "llama.cpp"
@@ -66,42 +66,8 @@ class LlamaCppBackend:
         self.load_s = time.perf_counter() - t0
         self.seed = opts.seed
         self._cancel = threading.Event()
-        self._vocab = self.llm._model.vocab
-        self._pieces: dict[int, bytes] = {}
+        self._init_vocab(self.llm)
         self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
-
-    # -- tokenizer ---------------------------------------------------------------------------
-    def _token_text(self, tok: int) -> str:
-        return self.piece(tok).decode("utf-8", errors="replace")
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
-
-    def piece(self, tok: int) -> bytes:
-        """The raw bytes of one token (special tokens rendered), cached."""
-        b = self._pieces.get(tok)
-        if b is None:
-            import ctypes
-
-            size = 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = self._lc.llama_token_to_piece(self._vocab, tok, buf, size, 0, True)
-                if n >= 0:
-                    b = buf.raw[:n]
-                    break
-                size = -n
-            self._pieces[tok] = b
-        return b
-
-    def is_eog(self, tok: int) -> bool:
-        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
-
-    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return self.prompts.template.render(messages, add_generation_prompt)
 
     # -- info --------------------------------------------------------------------------------
     def info(self) -> ModelInfo:

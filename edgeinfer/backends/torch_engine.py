@@ -10,7 +10,6 @@ backends turn the same tokens into the same text.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import sys
@@ -22,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.backends.common import LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
 from edgeinfer.generation import stream_events
@@ -51,7 +50,7 @@ def _peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-class TorchBackend:
+class TorchBackend(LlamaCppVocab):
     """A GGUF loaded in edgeinfer's PyTorch engine. Implements :class:`edgeinfer.backend.Backend`."""
 
     name = "torch"
@@ -82,44 +81,12 @@ class TorchBackend:
         except (ValueError, RuntimeError) as e:
             raise BackendError(f"{self.path}: llama.cpp could not load the vocabulary ({e})") from None
         self.load_s = time.perf_counter() - t0
-        self._vocab = self._vocab_llm._model.vocab
-        self._pieces: dict[int, bytes] = {}
+        self._init_vocab(self._vocab_llm)
         self.seed = opts.seed
         self._cancel = threading.Event()
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._reuse_prefix = not any(layer.attn.cache.ring for layer in self.model.layers)
         self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
-
-    # -- tokenizer (llama.cpp's) ---------------------------------------------------------------
-    def _token_text(self, tok: int) -> str:
-        return self.piece(tok).decode("utf-8", errors="replace")
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._vocab_llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
-
-    def piece(self, tok: int) -> bytes:
-        """The raw bytes of one token (special tokens rendered), cached."""
-        b = self._pieces.get(tok)
-        if b is None:
-            size = 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = self._lc.llama_token_to_piece(self._vocab, tok, buf, size, 0, True)
-                if n >= 0:
-                    b = buf.raw[:n]
-                    break
-                size = -n
-            self._pieces[tok] = b
-        return b
-
-    def is_eog(self, tok: int) -> bool:
-        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
-
-    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return self.prompts.template.render(messages, add_generation_prompt)
 
     # -- info ----------------------------------------------------------------------------------
     def device_label(self) -> str:
