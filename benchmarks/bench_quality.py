@@ -7,8 +7,12 @@
    GGUF (the Q4_K_M + imatrix row uses the same imatrix).
 4. `edgeinfer eval` scores every file on @stdlib-eval (disjoint from the calibration text):
    size, bits per weight, perplexity, mean / p99 KL-divergence vs the F32 reference, top-1.
+5. Same-input check: llama.cpp also quantizes edgeinfer's F32 GGUF (same imatrix), and every tensor
+   is compared with edgeinfer's file. Identical bytes there mean any KL gap in the table comes from
+   the inputs (llama.cpp's rows start from the F16 GGUF, edgeinfer's from the F32 checkpoint), not
+   from the encoders.
 
-    python benchmarks/bench_quality.py [--ctx 512] [--chunks 16] [--work DIR]
+    python benchmarks/bench_quality.py [--ctx 512] [--chunks 16] [--work DIR] [--skip-eval]
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--imatrix-chunks", type=int, default=32)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--skip-eval", action="store_true", help="only the files and the same-input byte check")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ei-quality-"))
     work.mkdir(parents=True, exist_ok=True)
 
     import _hf_export
     import gguf
-    from _llama_quant import llama_quantize
+    from _llama_quant import llama_quantize, read_tensors
 
     from edgeinfer.quant.imatrix import load_imatrix
 
@@ -69,6 +74,19 @@ def main() -> None:
         if not theirs.exists():
             llama_quantize(f16, theirs, q, imatrix=im_weights if use_im else None)
         files[t] = (ours, theirs)
+
+    print("same input (edgeinfer's F32 GGUF) through llama_model_quantize vs edgeinfer convert:")
+    for t in TYPES:
+        q, use_im = t.split("+")[0], t.endswith("+imatrix")
+        same = work / f"llama-from-F32-{t}.gguf"
+        if not same.exists():
+            llama_quantize(f32, same, q, imatrix=im_weights if use_im else None)
+        a, b = read_tensors(files[t][0]), read_tensors(same)
+        diff = [n for n in b if n not in a or a[n][0] != b[n][0] or not (a[n][1] == b[n][1]).all()]
+        print(f"  {t:<16} {len(b)} tensors, {len(diff)} differ in type or bytes {diff[:5]}")
+    print(flush=True)
+    if args.skip_eval:
+        return
 
     def score(p: Path) -> dict:
         out = json.loads(ei("eval", str(p), "--ref", str(work / "ref.npz"), "--ctx", str(args.ctx),
