@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from typing import Callable, Sequence
@@ -41,6 +42,32 @@ def quant_label(h: GGUFFile) -> str:
             pass
     counts = Counter(t.qtype.name for t in h.tensors if len(t.shape) >= 2)
     return counts.most_common(1)[0][0] if counts else "?"
+
+
+@contextlib.contextmanager
+def vocab_only_log_filter():
+    """Silence llama.cpp's spurious ERROR line while a ``vocab_only`` model is loaded.
+
+    A vocab-only load has no hyperparameters, so llama.cpp logs
+    ``n_ctx_seq (...) > n_ctx_train (0) -- possible training context overflow`` at ERROR level,
+    which llama-cpp-python prints even with ``verbose=False``. Other messages pass through to
+    llama-cpp-python's own callback, which is restored afterwards.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    def _filter(level, text, user_data):
+        if b"n_ctx_train (0)" not in (text or b""):
+            _logger.llama_log_callback(level, text, user_data)
+
+    cb = llama_cpp.llama_log_callback(_filter)
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 class LlamaCppVocab:

@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 import torch
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label,
+                                       vocab_only_log_filter)
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
 from edgeinfer.generation import stream_events
@@ -77,7 +78,8 @@ class TorchBackend(LlamaCppVocab):
 
         self._lc = llama_cpp
         try:
-            self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+            with vocab_only_log_filter():
+                self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise BackendError(f"{self.path}: llama.cpp could not load the vocabulary ({e})") from None
         self.load_s = time.perf_counter() - t0
