@@ -7,7 +7,9 @@ import os
 from collections import Counter
 from typing import Callable, Sequence
 
-from edgeinfer.backend import Message
+from edgeinfer.backend import Message, ModelInfo
+from edgeinfer.errors import BackendError
+from edgeinfer.generation import stream_events
 from edgeinfer.chat_template import ChatTemplate, template_from_gguf_metadata
 from edgeinfer.gguf_check import GGUFFile
 
@@ -28,6 +30,13 @@ def process_memory() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def context_size(h: GGUFFile, requested: int) -> int:
+    """The context to allocate: ``requested`` (0 = the training context, capped at 8192), never past training."""
+    n_ctx_train = int(h.arch_key("{arch}.context_length", 0) or 0)
+    n_ctx = requested or min(n_ctx_train or 4096, 8192)
+    return min(n_ctx, n_ctx_train) if n_ctx_train else n_ctx
 
 
 def quant_label(h: GGUFFile) -> str:
@@ -71,10 +80,11 @@ def vocab_only_log_filter():
 
 
 class LlamaCppVocab:
-    """Tokenizer methods for a backend holding a ``llama_cpp.Llama`` (full or ``vocab_only``).
+    """What both backends share: llama.cpp's tokenizer (a full or ``vocab_only`` ``llama_cpp.Llama``),
+    prompt rendering + checks, the event stream and :class:`ModelInfo`.
 
-    Tokenization is exactly llama.cpp's. Subclasses call :meth:`_init_vocab` once the Llama is
-    loaded; they must also set ``self.prompts`` (a :class:`PromptBuilder`).
+    Subclasses call :meth:`_init_vocab` once the Llama is loaded and set ``self.prompts`` (a
+    :class:`PromptBuilder`), ``self.header``, ``self.path``, ``self.load_s`` and ``self._cancel``.
     """
 
     def _init_vocab(self, llm) -> None:
@@ -119,6 +129,43 @@ class LlamaCppVocab:
 
     def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return self.prompts.template.render(messages, add_generation_prompt)
+
+    # -- shared by both backends' generate() / info(); they set self.header, self.path, self.load_s
+    def _prompt_tokens(self, prompt, n_ctx: int) -> list[int]:
+        """Render (chat) and tokenize ``prompt``; refuse an empty prompt or one that fills the context."""
+        text, add_special = self.prompts.prompt_text(prompt)
+        tokens = self.tokenize(text, add_special=add_special)
+        if not tokens:
+            raise BackendError("the prompt is empty after tokenization; give some text")
+        if len(tokens) >= n_ctx:
+            raise BackendError(f"prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
+                               "raise --ctx or shorten the prompt")
+        return tokens
+
+    def _stream(self, gen, tokens: list[int], params, n_ctx: int, t0: float):
+        """:func:`edgeinfer.generation.stream_events` over the token generator ``gen``, closing it at the end."""
+        try:
+            yield from stream_events(gen, piece=self.piece, is_eog=self.is_eog, params=params,
+                                     prompt_tokens=len(tokens), n_ctx_left=n_ctx - len(tokens),
+                                     cancelled=self._cancel.is_set, t_start=t0)
+        finally:
+            gen.close()
+
+    def _model_info(self, device: str, n_ctx: int, extra: dict) -> ModelInfo:
+        h = self.header
+        return ModelInfo(
+            path=str(self.path),
+            name=str(h.metadata.get("general.name") or self.path.stem),
+            architecture=h.architecture,
+            backend=self.name,
+            device=device,
+            n_ctx=n_ctx,
+            n_ctx_train=int(h.arch_key("{arch}.context_length", 0) or 0),
+            quant=quant_label(h),
+            load_s=self.load_s,
+            has_chat_template=not self.prompts.template.is_fallback,
+            extra=extra,
+        )
 
 
 class PromptBuilder:

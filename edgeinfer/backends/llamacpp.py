@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label
+from edgeinfer.backends.common import LlamaCppVocab, PromptBuilder, context_size, default_threads, process_memory
 from edgeinfer.errors import BackendError, InvalidModelError
-from edgeinfer.generation import stream_events
 from edgeinfer.gguf_check import validate_gguf
 
 
@@ -44,10 +43,7 @@ class LlamaCppBackend(LlamaCppVocab):
         import llama_cpp
 
         self._lc = llama_cpp
-        n_ctx_train = int(self.header.arch_key("{arch}.context_length", 0) or 0)
-        n_ctx = opts.n_ctx or min(n_ctx_train or 4096, 8192)
-        if n_ctx_train:
-            n_ctx = min(n_ctx, n_ctx_train)
+        n_ctx = context_size(self.header, opts.n_ctx)
         self.n_threads = opts.n_threads or default_threads()
         t0 = time.perf_counter()
         try:
@@ -71,20 +67,8 @@ class LlamaCppBackend(LlamaCppVocab):
 
     # -- info --------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
-        h = self.header
-        return ModelInfo(
-            path=str(self.path),
-            name=str(h.metadata.get("general.name") or self.path.stem),
-            architecture=h.architecture,
-            backend=self.name,
-            device="cpu" if not self._lc.llama_supports_gpu_offload() else "gpu-offload",
-            n_ctx=self.llm.n_ctx(),
-            n_ctx_train=int(h.arch_key("{arch}.context_length", 0) or 0),
-            quant=quant_label(h),
-            load_s=self.load_s,
-            has_chat_template=not self.prompts.template.is_fallback,
-            extra={"threads": self.n_threads},
-        )
+        device = "cpu" if not self._lc.llama_supports_gpu_offload() else "gpu-offload"
+        return self._model_info(device, self.llm.n_ctx(), {"threads": self.n_threads})
 
     def memory_bytes(self) -> dict:
         return {"rss": process_memory(), "device": 0}
@@ -96,12 +80,8 @@ class LlamaCppBackend(LlamaCppVocab):
     def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
         t0 = time.perf_counter()
         self._cancel.clear()
-        text, add_special = self.prompts.prompt_text(prompt)
-        tokens = self.tokenize(text, add_special=add_special)
         n_ctx = self.llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise BackendError(f"prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
-                               "raise --ctx or shorten the prompt")
+        tokens = self._prompt_tokens(prompt, n_ctx)
         self.llm.set_seed(self.seed if params.seed is None else params.seed)
         temp = params.temperature if params.temperature > 0 else 0.0
         gen = self.llm.generate(
@@ -112,19 +92,7 @@ class LlamaCppBackend(LlamaCppVocab):
             temp=temp,
             repeat_penalty=params.repeat_penalty,
         )
-        try:
-            yield from stream_events(
-                gen,
-                piece=self.piece,
-                is_eog=self.is_eog,
-                params=params,
-                prompt_tokens=len(tokens),
-                n_ctx_left=n_ctx - len(tokens),
-                cancelled=self._cancel.is_set,
-                t_start=t0,
-            )
-        finally:
-            gen.close()
+        yield from self._stream(gen, tokens, params, n_ctx, t0)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -21,11 +21,10 @@ from typing import Iterator, Sequence
 import torch
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, default_threads, process_memory, quant_label,
+from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_size, default_threads, process_memory,
                                        vocab_only_log_filter)
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
-from edgeinfer.generation import stream_events
 from edgeinfer.kernels.ggml_numerics import resolve_numerics
 from edgeinfer.gguf_check import validate_gguf
 from edgeinfer.sampling import Sampler
@@ -67,11 +66,7 @@ class TorchBackend(LlamaCppVocab):
         self.n_threads = opts.n_threads or default_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(self.n_threads)
-        n_ctx_train = int(self.header.arch_key("{arch}.context_length", 0) or 0)
-        n_ctx = opts.n_ctx or min(n_ctx_train or 4096, 8192)
-        if n_ctx_train:
-            n_ctx = min(n_ctx, n_ctx_train)
-        self.n_ctx = n_ctx
+        self.n_ctx = n_ctx = context_size(self.header, opts.n_ctx)
         t0 = time.perf_counter()
         self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics)
         import llama_cpp
@@ -100,21 +95,9 @@ class TorchBackend(LlamaCppVocab):
         return self.device.type
 
     def info(self) -> ModelInfo:
-        h = self.header
-        return ModelInfo(
-            path=str(self.path),
-            name=str(h.metadata.get("general.name") or self.path.stem),
-            architecture=h.architecture,
-            backend=self.name,
-            device=self.device_label(),
-            n_ctx=self.n_ctx,
-            n_ctx_train=int(h.arch_key("{arch}.context_length", 0) or 0),
-            quant=quant_label(h),
-            load_s=self.load_s,
-            has_chat_template=not self.prompts.template.is_fallback,
-            extra={"threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
-                   "weight_bytes": self.report.weight_bytes},
-        )
+        return self._model_info(self.device_label(), self.n_ctx, {
+            "threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
+            "weight_bytes": self.report.weight_bytes})
 
     def memory_bytes(self) -> dict:
         dev, peak = 0, _peak_rss()
@@ -159,28 +142,10 @@ class TorchBackend(LlamaCppVocab):
     def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
         t0 = time.perf_counter()
         self._cancel.clear()
-        text, add_special = self.prompts.prompt_text(prompt)
-        tokens = self.tokenize(text, add_special=add_special)
-        if not tokens:
-            raise BackendError("the prompt is empty after tokenization; give some text")
-        if len(tokens) >= self.n_ctx:
-            raise BackendError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                               "raise --ctx or shorten the prompt")
+        tokens = self._prompt_tokens(prompt, self.n_ctx)
         sampler = Sampler(params, self.seed if params.seed is None else params.seed)
         gen = self._token_stream(tokens, sampler)
-        try:
-            yield from stream_events(
-                gen,
-                piece=self.piece,
-                is_eog=self.is_eog,
-                params=params,
-                prompt_tokens=len(tokens),
-                n_ctx_left=self.n_ctx - len(tokens),
-                cancelled=self._cancel.is_set,
-                t_start=t0,
-            )
-        finally:
-            gen.close()
+        yield from self._stream(gen, tokens, params, self.n_ctx, t0)
 
     def close(self) -> None:
         if getattr(self, "_vocab_llm", None) is not None:
