@@ -42,11 +42,14 @@ def _ask(repo: str, choices: list[str]) -> str:
             return choices[int(ans) - 1]
 
 
-def download_gguf(repo: str, quant: str | None, interactive: bool = False) -> Path:
-    """Download the GGUF of ``quant`` from ``repo`` (resumable) and return its cached path."""
+def download_gguf(repo: str, quant: str | None, interactive: bool = False, files: list[str] | None = None) -> Path:
+    """Download the GGUF of ``quant`` from ``repo`` (resumable) and return its cached path.
+
+    ``files``: the repo's file list when the caller already has it (saves a Hub round trip).
+    """
     from huggingface_hub import hf_hub_download
 
-    files = _remote_files(repo)
+    files = _remote_files(repo) if files is None else files
     try:
         fname = _pick_quant(files, repo, quant)
     except ModelNotFoundError:
@@ -69,7 +72,7 @@ def pull(name: str) -> Path:
         raise ModelNotFoundError(f"{repo}: offline; cached in {snap}:\n  {listing}")
     files = _remote_files(repo)
     if any(f.lower().endswith(".gguf") for f in files):
-        return download_gguf(repo, quant, interactive=True)
+        return download_gguf(repo, quant, interactive=True, files=files)
     if not any(f.endswith(".safetensors") for f in files):
         raise ModelNotFoundError(f"{repo}: holds neither GGUF nor safetensors files")
     from huggingface_hub import snapshot_download

@@ -180,8 +180,8 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for every column of x [n, G].
 
     Greedy coordinate descent: up to 5 passes, each value in order.  A pass that
-    changes nothing leaves the state unchanged, so running all 5 for every column
-    equals C's early exit.  Returns (scale [G], L [n, G] float32 offset by nmax).
+    changes nothing leaves the state unchanged, so the loop stops once a pass changes
+    no column (per column, that equals C's early exit).  Returns (scale [G], L [n, G] float32 offset by nmax).
     """
     amax, vmax = _first_absmax(x)
     zero = amax < _GROUP_MAX_EPS
@@ -193,6 +193,7 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         sumlx = _wsum(wx, l)
         suml2 = _wsum(w, l, l)
         for _ in range(5):
+            changed = False
             for i in range(x.shape[0]):
                 li = l[i]
                 slx = sumlx - wx[i] * li
@@ -205,6 +206,9 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 l[i] = np.where(take, new, li)
                 sumlx = np.where(take, slx2, sumlx)
                 suml2 = np.where(take, sl22, suml2)
+                changed = changed or bool(take.any())
+            if not changed:  # a pass that changes nothing would repeat identically: stop (C's early exit)
+                break
         scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
     L = l + F32(nmax)
     L[:, zero] = 0
@@ -339,6 +343,7 @@ def make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
         sumlx = _wsum(wx, l)
         suml2 = _wsum(w, l, l)
         for _ in range(5):
+            changed = False
             for i in range(x.shape[0]):
                 Li = L[i]
                 slx = sumlx - wx[i] * Li
@@ -351,6 +356,9 @@ def make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
                 L[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), Li)
                 sumlx = np.where(take, slx2, sumlx)
                 suml2 = np.where(take, sl22, suml2)
+                changed = changed or bool(take.any())
+            if not changed:  # a pass that changes nothing would repeat identically: stop (C's early exit)
+                break
         scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
     L[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), L
