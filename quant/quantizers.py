@@ -330,44 +330,48 @@ def _signed_max(b: torch.Tensor) -> torch.Tensor:
     return torch.where(pick == 0, torch.zeros_like(pick), pick)  # [n, 1]
 
 
-def encode_q4_0(x: torch.Tensor) -> torch.Tensor:
-    """Q4_0 (``quantize_row_q4_0_ref``): d = max/-8, q = min(15, trunc(x/d + 8.5)). 18 B / 32."""
+def _encode_sym(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16), ``quantize_row_q{4,5}_0_ref``: d = max/-nmax,
+    q = min(2*nmax-1, trunc(x/d + nmax + 0.5)); the 5th bits (Q5_0) go before the nibbles."""
     rows = x.shape[0]
     b = _blocks(x)
-    d = _signed_max(b) / -8
-    q = _levels(b * _inverse(d), 8.5, 15)
-    return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+    d = _signed_max(b) / -nmax
+    q = _levels(b * _inverse(d), nmax + 0.5, 2 * nmax - 1)
+    high = [_high_bits(q)] if nmax == 16 else []
+    return torch.cat([_fp16_bytes(d), *high, _pack_nibbles(q)], dim=1).reshape(rows, -1)
 
 
-def encode_q4_1(x: torch.Tensor) -> torch.Tensor:
-    """Q4_1 (``quantize_row_q4_1_ref``): d = (max-min)/15, m = min, q = trunc((x-m)/d + 0.5). 20 B / 32."""
+def _encode_asym(x: torch.Tensor, top: int) -> torch.Tensor:
+    """Q4_1 (top 15) / Q5_1 (top 31), ``quantize_row_q{4,5}_1_ref``: d = (max-min)/top, m = min,
+    q = trunc((x-m)/d + 0.5); the 5th bits (Q5_1) go before the nibbles."""
     rows = x.shape[0]
     b = _blocks(x)
     mn = b.amin(dim=1, keepdim=True)
     mx = b.amax(dim=1, keepdim=True)
-    d = (mx - mn) / 15
-    q = _levels((b - mn).mul_(_inverse(d)), 0.5, 15)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+    d = (mx - mn) / top
+    q = _levels((b - mn).mul_(_inverse(d)), 0.5, top)
+    high = [_high_bits(q)] if top == 31 else []
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), *high, _pack_nibbles(q)], dim=1).reshape(rows, -1)
+
+
+def encode_q4_0(x: torch.Tensor) -> torch.Tensor:
+    """Q4_0: 18 B / 32 values."""
+    return _encode_sym(x, 8)
 
 
 def encode_q5_0(x: torch.Tensor) -> torch.Tensor:
-    """Q5_0 (``quantize_row_q5_0_ref``): d = max/-16, q = min(31, trunc(x/d + 16.5)). 22 B / 32."""
-    rows = x.shape[0]
-    b = _blocks(x)
-    d = _signed_max(b) / -16
-    q = _levels(b * _inverse(d), 16.5, 31)
-    return torch.cat([_fp16_bytes(d), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+    """Q5_0: 22 B / 32 values."""
+    return _encode_sym(x, 16)
+
+
+def encode_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """Q4_1: 20 B / 32 values."""
+    return _encode_asym(x, 15)
 
 
 def encode_q5_1(x: torch.Tensor) -> torch.Tensor:
-    """Q5_1 (``quantize_row_q5_1_ref``): d = (max-min)/31, m = min, q = trunc((x-m)/d + 0.5). 24 B / 32."""
-    rows = x.shape[0]
-    b = _blocks(x)
-    mn = b.amin(dim=1, keepdim=True)
-    mx = b.amax(dim=1, keepdim=True)
-    d = (mx - mn) / 31
-    q = _levels((b - mn).mul_(_inverse(d)), 0.5, 31)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _high_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
+    """Q5_1: 24 B / 32 values."""
+    return _encode_asym(x, 31)
 
 
 for _t, _fn in ((T.F32, encode_f32), (T.F16, encode_f16), (T.BF16, encode_bf16), (T.Q8_0, encode_q8_0),
