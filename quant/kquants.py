@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-from .kquants_search import (F32, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i,
+from .kquants_search import (F32, _groups, _u16, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i,
                              _seqsum, make_q3, make_qkx, make_qp, make_qx)
 
 QK_K = 256
@@ -31,11 +31,6 @@ class KQuantError(ValueError):
 
 
 # ------------------------------------------------------------------------- helpers
-
-def _groups(x: np.ndarray, n: int) -> np.ndarray:
-    """Blocks [nb, 256] -> groups [n, nb*256/n] (value index first, contiguous)."""
-    return np.ascontiguousarray(x.reshape(-1, n).T)
-
 
 def _ungroup(g: np.ndarray, nb: int) -> np.ndarray:
     """Inverse of :func:`_groups`: [n, nb*256/n] -> [nb, 256]."""
@@ -98,11 +93,6 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
     """Q2_K/Q3_K low bits: [nb, 256] (values 0..3) -> [nb, 64]."""
     q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
-
-
-def _u16(bits: np.ndarray) -> np.ndarray:
-    """fp16 bits [nb] -> little-endian bytes [nb, 2]."""
-    return bits.astype("<u2").view(np.uint8).reshape(-1, 2)
 
 
 # ------------------------------------------------------------------- block encoders

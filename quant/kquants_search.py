@@ -362,3 +362,15 @@ def make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
         scale = np.where(suml2 > 0, _div(sumlx, suml2), F32(0))
     L[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), L
+
+
+# ------------------------------------------------------------------- layout helpers (K and legacy)
+
+def _groups(x: np.ndarray, n: int) -> np.ndarray:
+    """Blocks [nb, k*n] -> groups [n, nb*k] (value index first, contiguous): one column per group of n."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def _u16(bits: np.ndarray) -> np.ndarray:
+    """fp16 bits [nb] -> little-endian bytes [nb, 2]."""
+    return bits.astype("<u2").view(np.uint8).reshape(-1, 2)

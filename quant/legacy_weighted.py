@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .kquants_search import F32, _fp16, _seqsum, make_qkx, make_qx
+from .kquants_search import F32, _fp16, _groups, _seqsum, _u16, make_qkx, make_qx
 
 QK = 32
 
@@ -37,11 +37,6 @@ def _weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return qw[None, :] * np.sqrt(sigma2[:, None] + x * x)
 
 
-def _groups(a: np.ndarray) -> np.ndarray:
-    """[rows, cols] -> [32, rows*cols/32]: one column per block, values in order down it."""
-    return np.ascontiguousarray(a.reshape(-1, QK).T)
-
-
 def _nibbles(L: np.ndarray) -> np.ndarray:
     """Levels [nb, 32] (uint8) -> qs [nb, 16]: element j low nibble, element j+16 high nibble."""
     return (L[:, :16] & 0x0F) | ((L[:, 16:] & 0x0F) << 4)
@@ -54,14 +49,9 @@ def _qh(L: np.ndarray) -> np.ndarray:
     return qh.astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
-def _u16(bits: np.ndarray) -> np.ndarray:
-    return bits.astype("<u2").view(np.uint8).reshape(-1, 2)
-
-
 def _encode_sym(x: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
     """Q4_0 (nmax 8) / Q5_0 (nmax 16): ``quantize_row_q{4,5}_0_impl``."""
-    nb = x.size // QK
-    scale, L = make_qx(_groups(x), nmax, _groups(_weights(x, qw)))   # [nb], [32, nb] in 0..2*nmax-1
+    scale, L = make_qx(_groups(x, QK), nmax, _groups(_weights(x, qw), QK))   # [nb], [32, nb] in 0..2*nmax-1
     d_bits, _ = _fp16(scale)
     Lb = np.ascontiguousarray(L.T).astype(np.uint8)                 # [nb, 32]
     parts = [_u16(d_bits)] + ([_qh(Lb)] if nmax == 16 else []) + [_nibbles(Lb)]
@@ -70,7 +60,7 @@ def _encode_sym(x: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
 
 def _encode_asym(x: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
     """Q4_1 (nmax 15) / Q5_1 (nmax 31): ``quantize_row_q{4,5}_1_impl``."""
-    scale, the_min, L = make_qkx(_groups(x), _groups(_weights(x, qw)), nmax, -0.9, 0.05, 36, False)
+    scale, the_min, L = make_qkx(_groups(x, QK), _groups(_weights(x, qw), QK), nmax, -0.9, 0.05, 36, False)
     d_bits, _ = _fp16(scale)
     m_bits, _ = _fp16(-the_min)
     Lb = np.ascontiguousarray(L.T).astype(np.uint8)                 # [nb, 32] in 0..nmax
