@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgeinfer.errors import EdgeinferError
+from edgeinfer.fileio import atomic_write
 
 DB_NAME = "chat.sqlite3"
 SCHEMA_VERSION = 1
@@ -270,7 +271,6 @@ def export_markdown(conv: Conversation, messages: list[StoredMessage], folder: s
     folder.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in conv.title.lower()).strip("-")[:40] or "chat"
     out = folder / f"{slug}-{conv.id}.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(conversation_markdown(conv, messages), encoding="utf-8")
-    os.replace(tmp, out)
+    text = conversation_markdown(conv, messages)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out

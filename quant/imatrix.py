@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
+
+from edgeinfer.fileio import atomic_write
 
 GGUF_MAGIC = b"GGUF"
 
@@ -185,20 +186,6 @@ def _load_dat(path: Path) -> Imatrix:
 
 # --------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path`` (never leaves a partial file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_imatrix(im: Imatrix, path: str | os.PathLike, fmt: str | None = None) -> Path:
     """Write ``im`` as GGUF (default; also chosen by a ``.gguf`` suffix) or legacy ``dat``.
 
@@ -209,9 +196,9 @@ def save_imatrix(im: Imatrix, path: str | os.PathLike, fmt: str | None = None) -
     path = Path(path)
     fmt = fmt or ("dat" if path.suffix == ".dat" else "gguf")
     if fmt == "gguf":
-        return _atomic_write(path, lambda p: _write_gguf(im, p))
+        return atomic_write(path, lambda p: _write_gguf(im, p))
     if fmt == "dat":
-        return _atomic_write(path, lambda p: p.write_bytes(_dat_bytes(im)))
+        return atomic_write(path, lambda p: p.write_bytes(_dat_bytes(im)))
     raise ImatrixError(f"unknown imatrix format {fmt!r}; use 'gguf' or 'dat'")
 
 
