@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+from edgeinfer.cli.args import _num
+
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="GGUF path or model name")
     p.add_argument("--text", default="@stdlib-eval",
                    help="text file, or @stdlib-eval (default) / @stdlib-calib: Python stdlib docstrings")
     p.add_argument("--ref", help="reference: a GGUF (e.g. the F16/F32 file) or an .npz from --save-logits")
-    p.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="evaluate at most N chunks")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ctx", type=_num(int, 2), default=512, help="chunk length in tokens (default 512)")
+    p.add_argument("--chunks", type=_num(int, 1), default=None, help="evaluate at most N chunks")
+    p.add_argument("--threads", type=_num(int, 1), default=None)
     p.add_argument("--save-logits", metavar="FILE.npz", help="save this model's log-probs to use later as --ref")
     p.add_argument("--json", action="store_true", help="print JSON")
 

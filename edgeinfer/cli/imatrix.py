@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from edgeinfer.cli.args import _num
+
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="GGUF path or model name (ideally the F16/F32 file you will quantize from)")
@@ -11,10 +13,10 @@ def add_arguments(p) -> None:
                    help="calibration text file, or @stdlib-calib (default): Python stdlib docstrings, "
                         "disjoint from eval's @stdlib-eval")
     p.add_argument("-o", "--output", required=True, help="output file: .gguf (llama.cpp's current format) or .dat (legacy)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512, as llama-imatrix)")
-    p.add_argument("--chunks", type=int, default=None, help="process at most N chunks")
+    p.add_argument("--ctx", type=_num(int, 2), default=512, help="tokens per chunk (default 512, as llama-imatrix)")
+    p.add_argument("--chunks", type=_num(int, 1), default=None, help="process at most N chunks")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_num(int, 1), default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
