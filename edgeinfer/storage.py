@@ -239,6 +239,20 @@ class ChatStore:
         with self._tx() as db:
             db.execute("DELETE FROM messages WHERE id = ?", (mid,))
 
+    def recent_prompts(self, limit: int = 200) -> list[str]:
+        """The last ``limit`` user prompts of all conversations, in the order they were sent.
+
+        The newest prompt is LAST (the input box's ↑ walks the list from its end, as a shell
+        does); adjacent duplicates are collapsed into one.
+        """
+        newest_first: list[str] = []
+        for (text,) in self.db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id DESC"):
+            if len(newest_first) >= limit:
+                break
+            if not newest_first or newest_first[-1] != text:
+                newest_first.append(text)
+        return newest_first[::-1]
+
     def iter_all_messages(self) -> Iterator[StoredMessage]:
         """Every message of every conversation (for checks and exports)."""
         for r in self.db.execute("SELECT id, conversation_id, role, content, meta, created FROM messages ORDER BY id"):

@@ -127,3 +127,21 @@ def test_data_dir_env_override(tmp_path, monkeypatch):
     s = ChatStore()
     assert s.path.is_file()
     s.close()
+
+
+def test_recent_prompts_newest_last_across_conversations(tmp_path):
+    """The ↑ history: user prompts of all conversations in the order they were sent (the input
+    box walks it from the end, so ↑ gives the newest first), adjacent duplicates collapsed."""
+    s = ChatStore(tmp_path / "c.db")
+    old, new = s.create_conversation("old"), s.create_conversation("new")
+    s.add_message(old.id, "user", "old 1")
+    s.add_message(old.id, "assistant", "reply")
+    s.add_message(new.id, "user", "new 1")
+    s.add_message(old.id, "user", "old 2")  # the old conversation continued after "new 1"
+    s.add_message(new.id, "user", "again")
+    s.add_message(new.id, "user", "again")
+    s.add_message(old.id, "user", "again")
+    got = s.recent_prompts()
+    print(got)
+    assert got == ["old 1", "new 1", "old 2", "again"]
+    assert s.recent_prompts(limit=2) == ["old 2", "again"]

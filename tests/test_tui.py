@@ -302,6 +302,26 @@ async def test_input_history_rename_search_delete(tmp_path):
 
 
 @run_async
+async def test_history_up_gives_newest_prompt_first_across_conversations(tmp_path):
+    store = ChatStore(tmp_path / "chat.sqlite3")
+    older, newer = store.create_conversation("older"), store.create_conversation("newer")
+    for cid, text in ((older.id, "first ever"), (older.id, "second"), (newer.id, "third"), (newer.id, "latest")):
+        store.add_message(cid, "user", text)
+        store.add_message(cid, "assistant", "ok")
+    store.close()
+    app, _ = make_app(tmp_path, replies=[["r"]])
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        app.prompt.focus()
+        seen = []
+        for _ in range(4):
+            await pilot.press("up")
+            seen.append(app.prompt.text)
+        print("up x4:", seen)
+        assert seen == ["latest", "third", "second", "first ever"]
+
+
+@run_async
 async def test_help_screen_lists_binding_ids(tmp_path):
     app, _ = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:

@@ -133,8 +133,7 @@ class ChatApp(App):
         return self.job is not None
 
     def on_mount(self) -> None:
-        self.prompt.sent_history = [m.content for c in self.store.list_conversations()[:20]
-                               for m in self.store.messages(c.id) if m.role == "user"][-200:]
+        self.prompt.sent_history = self.store.recent_prompts(200)  # oldest first: ↑ starts at the newest
         convs = self.store.list_conversations()
         latest = convs[0] if convs else None
         if latest is not None and latest.title == NEW_TITLE and not self.store.messages(latest.id):
