@@ -50,6 +50,49 @@ class SamplingParams:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of one number: its type, ``lo`` (exclusive when ``lo_open``) and ``hi``;
+    ``note`` says what special values mean (shown with range errors)."""
+
+    kind: type  # int or float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    note: str = ""
+
+    def problem(self, v) -> str | None:
+        """None if ``v`` is in range, else what is wrong, e.g. ``'must be >= -1'``."""
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}"
+        if self.hi is not None and v > self.hi:
+            return f"must be <= {self.hi}"
+        return None
+
+    def describe(self) -> str:
+        """The range in words: ``'>= 0'``, ``'in (0, 1]'``, ``'any int'``."""
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"<= {self.hi:g}"
+        return f"any {self.kind.__name__}"
+
+
+# The valid range of each user-settable SamplingParams field: the one table that the CLI's argument
+# types (edgeinfer.cli.args) and the TUI's settings screen both check against.
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(float, 0.0, note="0 = greedy"),
+    "top_k": Bound(int, 0, note="0 = off"),
+    "top_p": Bound(float, 0.0, 1.0, lo_open=True, note="1 = off"),
+    "min_p": Bound(float, 0.0, 1.0, note="0 = off"),
+    "repeat_penalty": Bound(float, 0.0, lo_open=True, note="1 = off"),
+    "max_tokens": Bound(int, -1, note="-1 = until the context is full"),
+    "seed": Bound(int),
+}
+
+
 @dataclass
 class Timings:
     """Speed figures of one generation. Rates are tokens per second of wall time."""

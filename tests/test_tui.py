@@ -185,6 +185,25 @@ async def test_edit_system_prompt_in_settings(tmp_path):
 
 
 @run_async
+async def test_settings_refuse_max_tokens_below_minus_one(tmp_path):
+    app, _ = make_app(tmp_path, replies=[["ok"]])
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), what="settings screen")
+        app.screen.query_one("#p-max_tokens").value = "-2"
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        shown = [n.message for n in app._notifications]
+        print("notifications:", shown)
+        assert isinstance(app.screen, SettingsScreen)  # not saved, the screen stays open
+        assert any("max tokens" in m and "-1" in m for m in shown)
+        await pilot.press("escape")
+        await pilot.pause(0.05)
+        assert "max_tokens" not in app.store.get_conversation(app.conv.id).params
+
+
+@run_async
 async def test_export_markdown(tmp_path):
     app, _ = make_app(tmp_path, replies=[["Use `ls`:\n```sh\nls -la\n```"]])
     async with app.run_test(size=SIZE) as pilot:

@@ -88,3 +88,38 @@ def test_code_blocks_and_param_parsing():
     with pytest.raises(ValueError, match="top-k"):
         parse_params({**{k: "1" for k in ("temperature", "top_p", "min_p", "repeat_penalty", "max_tokens")},
                       "top_k": "many", "seed": "1"})
+
+
+# (SamplingParams field, CLI flag, value, valid?) at and just past every edge of the ranges
+EDGES = [("temperature", "--temp", "0", True), ("temperature", "--temp", "-0.01", False),
+         ("top_k", "--top-k", "0", True), ("top_k", "--top-k", "-1", False),
+         ("top_p", "--top-p", "1", True), ("top_p", "--top-p", "0", False), ("top_p", "--top-p", "1.01", False),
+         ("min_p", "--min-p", "0", True), ("min_p", "--min-p", "1", True), ("min_p", "--min-p", "1.01", False),
+         ("min_p", "--min-p", "-0.01", False),
+         ("repeat_penalty", "--repeat-penalty", "0.01", True), ("repeat_penalty", "--repeat-penalty", "0", False),
+         ("max_tokens", "--max-tokens", "-1", True), ("max_tokens", "--max-tokens", "-2", False),
+         ("seed", "--seed", "-5", True), ("seed", "--seed", "x", False)]
+
+
+@pytest.mark.parametrize("field,flag,value,valid", EDGES, ids=lambda v: str(v))
+def test_settings_and_cli_accept_the_same_ranges(field, flag, value, valid):
+    import argparse
+
+    from edgeinfer.cli.args import add_sampling_args
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_sampling_args(parser)
+    try:
+        parser.parse_args([flag, value])
+        cli_ok, cli_msg = True, ""
+    except argparse.ArgumentError as e:
+        cli_ok, cli_msg = False, str(e)
+    base = {"temperature": "0.8", "top_k": "40", "top_p": "0.95", "min_p": "0.05", "repeat_penalty": "1",
+            "max_tokens": "512", "seed": ""}
+    try:
+        parse_params({**base, field: value})
+        tui_ok, tui_msg = True, ""
+    except ValueError as e:
+        tui_ok, tui_msg = False, str(e)
+    print(f"{field}={value}: cli {cli_ok} {cli_msg!r} | settings {tui_ok} {tui_msg!r}")
+    assert cli_ok == valid and tui_ok == valid

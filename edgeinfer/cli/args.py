@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import argparse
 
+from edgeinfer.backend import SAMPLING_BOUNDS, Bound
 
-def _num(kind, lo=None, hi=None, lo_open=False):
+
+def bounded(b: Bound):
+    """An argparse ``type`` that converts to ``b.kind`` and refuses values outside ``b``."""
+
     def conv(s: str):
         try:
-            v = kind(s)
+            v = b.kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {kind.__name__}") from None
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise argparse.ArgumentTypeError(f"{s} must be {'>' if lo_open else '>='} {lo}")
-        if hi is not None and v > hi:
-            raise argparse.ArgumentTypeError(f"{s} must be <= {hi}")
+            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {b.kind.__name__}") from None
+        problem = b.problem(v)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{s} {problem}")
         return v
 
     return conv
+
+
+def _num(kind, lo=None, hi=None, lo_open=False):
+    """:func:`bounded` for options that are not sampling parameters (--ctx, --threads, --chunks)."""
+    return bounded(Bound(kind, lo, hi, lo_open))
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -38,13 +46,16 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=_num(int, -1), default=512, help="tokens to generate (-1 = until the context is full)")
-    g.add_argument("--temp", type=_num(float, 0.0), default=0.8, help="temperature (0 = greedy)")
-    g.add_argument("--top-k", type=_num(int, 0), default=40, help="top-k (0 = off)")
-    g.add_argument("--top-p", type=_num(float, 0.0, 1.0, lo_open=True), default=0.95, help="top-p (1 = off)")
-    g.add_argument("--min-p", type=_num(float, 0.0, 1.0), default=0.05, help="min-p (0 = off)")
-    g.add_argument("--repeat-penalty", type=_num(float, 0.0, lo_open=True), default=1.0, help="repeat penalty (1 = off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    b = SAMPLING_BOUNDS  # the ranges (and what special values mean) the TUI's settings screen uses too
+    g.add_argument("-n", "--max-tokens", type=bounded(b["max_tokens"]), default=512,
+                   help=f"tokens to generate ({b['max_tokens'].note})")
+    g.add_argument("--temp", type=bounded(b["temperature"]), default=0.8, help=f"temperature ({b['temperature'].note})")
+    g.add_argument("--top-k", type=bounded(b["top_k"]), default=40, help=f"top-k ({b['top_k'].note})")
+    g.add_argument("--top-p", type=bounded(b["top_p"]), default=0.95, help=f"top-p ({b['top_p'].note})")
+    g.add_argument("--min-p", type=bounded(b["min_p"]), default=0.05, help=f"min-p ({b['min_p'].note})")
+    g.add_argument("--repeat-penalty", type=bounded(b["repeat_penalty"]), default=1.0,
+                   help=f"repeat penalty ({b['repeat_penalty'].note})")
+    g.add_argument("--seed", type=b["seed"].kind, default=0, help="random seed")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 

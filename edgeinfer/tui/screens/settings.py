@@ -9,18 +9,22 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, TextArea
 
+from edgeinfer.backend import SAMPLING_BOUNDS
+
 BACKEND_CHOICES = ("llama.cpp", "torch")
 
+# label of each editable SamplingParams field; types and valid ranges come from SAMPLING_BOUNDS
+PARAM_LABELS = {
+    "temperature": "temperature",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "repeat_penalty": "repeat pen.",
+    "max_tokens": "max tokens",
+    "seed": "seed",
+}
 # (field, label, type) of the editable SamplingParams fields
-PARAM_FIELDS = (
-    ("temperature", "temperature", float),
-    ("top_k", "top-k", int),
-    ("top_p", "top-p", float),
-    ("min_p", "min-p", float),
-    ("repeat_penalty", "repeat pen.", float),
-    ("max_tokens", "max tokens", int),
-    ("seed", "seed", int),
-)
+PARAM_FIELDS = tuple((key, label, SAMPLING_BOUNDS[key].kind) for key, label in PARAM_LABELS.items())
 
 
 @dataclass
@@ -34,7 +38,10 @@ class ChatSettings:
 
 
 def parse_params(values: dict[str, str]) -> dict:
-    """Turn the text of the parameter boxes into numbers; raise ValueError naming a bad field."""
+    """Turn the text of the parameter boxes into numbers; raise ValueError naming a bad field.
+
+    The valid ranges are :data:`edgeinfer.backend.SAMPLING_BOUNDS`, the same the CLI checks.
+    """
     out = {}
     for key, label, kind in PARAM_FIELDS:
         raw = values.get(key, "").strip()
@@ -42,19 +49,13 @@ def parse_params(values: dict[str, str]) -> dict:
             out[key] = None
             continue
         try:
-            out[key] = kind(raw)
+            v = kind(raw)
         except ValueError:
             raise ValueError(f"{label}: {raw!r} is not a valid {kind.__name__}") from None
-    if out["temperature"] < 0:
-        raise ValueError("temperature must be >= 0 (0 = greedy)")
-    if not 0 < out["top_p"] <= 1:
-        raise ValueError("top-p must be in (0, 1]")
-    if not 0 <= out["min_p"] <= 1:
-        raise ValueError("min-p must be in [0, 1]")
-    if out["repeat_penalty"] <= 0:
-        raise ValueError("repeat penalty must be > 0")
-    if out["top_k"] < 0:
-        raise ValueError("top-k must be >= 0")
+        bound = SAMPLING_BOUNDS[key]
+        if bound.problem(v):
+            raise ValueError(f"{label} must be {bound.describe()}" + (f" ({bound.note})" if bound.note else ""))
+        out[key] = v
     return out
 
 
