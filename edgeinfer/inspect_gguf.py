@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from edgeinfer.gguf_check import ArraySummary, GGUFFile, validate_gguf
+
+
+def quant_label(h: GGUFFile) -> str:
+    """A file's quant as users name it (``Q4_K_M``, ``Q8_0``): ``general.file_type`` if set, else
+    the type of most 2-D tensors (like llama.cpp's guess, which counts tensors, but ignoring the
+    1-D norms that are F32 in every file). Used by the backends' ModelInfo and the TUI's picker."""
+    import gguf
+
+    ft = h.metadata.get(gguf.Keys.General.FILE_TYPE)
+    if isinstance(ft, int):
+        try:
+            return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    counts = Counter(t.qtype.name for t in h.tensors if len(t.shape) >= 2)
+    return counts.most_common(1)[0][0] if counts else "?"
 
 
 def summarize(path: str | Path, with_tensors: bool = False) -> dict:
@@ -33,6 +49,7 @@ def summarize(path: str | Path, with_tensors: bool = False) -> dict:
         "name": h.metadata.get("general.name"),
         "architecture": arch,
         "file_type": h.metadata.get("general.file_type"),
+        "quant": quant_label(h),
         "hyperparameters": hparams,
         "parameters": n_params,
         "file_size": h.file_size,

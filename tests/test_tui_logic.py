@@ -123,3 +123,35 @@ def test_settings_and_cli_accept_the_same_ranges(field, flag, value, valid):
         tui_ok, tui_msg = False, str(e)
     print(f"{field}={value}: cli {cli_ok} {cli_msg!r} | settings {tui_ok} {tui_msg!r}")
     assert cli_ok == valid and tui_ok == valid
+
+
+def test_picker_quant_is_the_backends_quant_label(tmp_path):
+    """A GGUF without ``general.file_type``: 4 Q8_0 matrices, a larger F32 embedding, F32 norms.
+    The picker must name it like the backends' ModelInfo.quant (and llama.cpp's guess, which
+    counts tensors): Q8_0, not the type with the most bytes (F32)."""
+    import gguf
+    import numpy as np
+
+    from edgeinfer.backends.common import quant_label
+    from edgeinfer.gguf_check import validate_gguf
+    from edgeinfer.resolve import ModelEntry
+    from edgeinfer.tui.models import describe_models
+
+    path = tmp_path / "nofiletype.gguf"
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", rng.standard_normal((256, 64), dtype=np.float32))  # 64 KiB
+    for i in range(2):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(64, dtype=np.float32))
+        for name in ("attn_q", "ffn_up"):
+            q = gguf.quants.quantize(rng.standard_normal((32, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blk.{i}.{name}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    h = validate_gguf(path)
+    assert "general.file_type" not in h.metadata
+    rows = describe_models(lister=lambda: [ModelEntry("nofiletype", path, "models-folder", path.stat().st_size)])
+    print("picker:", rows[0].quant, "| backend ModelInfo.quant:", quant_label(h))
+    assert rows[0].quant == quant_label(h) == "Q8_0"

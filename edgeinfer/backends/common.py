@@ -1,10 +1,9 @@
-"""Pieces every backend shares: prompt building, thread count, memory, quant labels."""
+"""Pieces every backend shares: prompt building, thread count, memory, the llama.cpp vocab."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections import Counter
 from typing import Callable, Sequence
 
 from edgeinfer.backend import Message, ModelInfo
@@ -12,6 +11,7 @@ from edgeinfer.errors import BackendError
 from edgeinfer.generation import stream_events
 from edgeinfer.chat_template import ChatTemplate, template_from_gguf_metadata
 from edgeinfer.gguf_check import GGUFFile
+from edgeinfer.inspect_gguf import quant_label
 
 
 def default_threads() -> int:
@@ -37,20 +37,6 @@ def context_size(h: GGUFFile, requested: int) -> int:
     n_ctx_train = int(h.arch_key("{arch}.context_length", 0) or 0)
     n_ctx = requested or min(n_ctx_train or 4096, 8192)
     return min(n_ctx, n_ctx_train) if n_ctx_train else n_ctx
-
-
-def quant_label(h: GGUFFile) -> str:
-    """A file's quant as users name it: ``general.file_type`` if set, else the commonest 2-D type."""
-    import gguf
-
-    ft = h.metadata.get(gguf.Keys.General.FILE_TYPE)
-    if isinstance(ft, int):
-        try:
-            return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass
-    counts = Counter(t.qtype.name for t in h.tensors if len(t.shape) >= 2)
-    return counts.most_common(1)[0][0] if counts else "?"
 
 
 @contextlib.contextmanager

@@ -28,20 +28,6 @@ class ModelRow:
     quant: str = "?"
 
 
-def quant_of(summary: dict) -> str:
-    """The quant users know a file by: ``general.file_type``, else the type with most bytes."""
-    ft = summary.get("file_type")
-    if isinstance(ft, int):
-        try:
-            import gguf
-
-            return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except (ImportError, ValueError):
-            pass
-    types = summary.get("types") or {}
-    return next(iter(types), "?")
-
-
 def describe_models(lister: Callable | None = None, summarize: Callable | None = None) -> list[ModelRow]:
     """List models with their architecture, parameter count and quant (unreadable files say why)."""
     if lister is None:
@@ -55,7 +41,7 @@ def describe_models(lister: Callable | None = None, summarize: Callable | None =
             s = summarize(e.path)
             row.architecture = s.get("architecture") or "?"
             row.parameters = int(s.get("parameters") or 0)
-            row.quant = quant_of(s)
+            row.quant = s.get("quant") or "?"  # inspect_gguf.quant_label, as the backends report it
         except (EdgeinferError, OSError, ValueError) as err:
             log.warning("%s: cannot read the GGUF header: %s", e.path, err)
             row.architecture = "unreadable"
