@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from edgeinfer.gguf_check import ArraySummary, GGUFFile, validate_gguf
+from edgeinfer.units import fmt_bytes
 
 
 def quant_label(h: GGUFFile) -> str:
@@ -88,7 +89,7 @@ def _fmt_params(n: int) -> str:
 def render_text(s: dict) -> str:
     """Human-readable form of :func:`summarize`'s result."""
     lines = [
-        f"file:          {s['path']} (GGUF v{s['gguf_version']}, {s['file_size'] / 2**20:.1f} MiB)",
+        f"file:          {s['path']} (GGUF v{s['gguf_version']}, {fmt_bytes(s['file_size'], unit='MiB')})",
         f"name:          {s['name']}",
         f"architecture:  {s['architecture']}",
         f"parameters:    {_fmt_params(s['parameters'])} ({s['parameters']:,})",

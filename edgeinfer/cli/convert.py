@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from edgeinfer.cli.args import _num
+from edgeinfer.units import fmt_bytes
 
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
@@ -33,14 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def print_plan(plan, out) -> None:
     """The --dry-run table: every tensor, its type, output size and bits per weight."""
     from rich.console import Console
@@ -53,13 +46,13 @@ def print_plan(plan, out) -> None:
     for t in plan.tensors:
         bpw = 8 * t.nbytes / max(t.n_elements, 1)
         im = (t.imatrix_note,) if plan.imatrix_path else ()
-        table.add_row(t.gguf_name, "x".join(map(str, t.shape)), t.ggml_type.name, _size(t.nbytes),
+        table.add_row(t.gguf_name, "x".join(map(str, t.shape)), t.ggml_type.name, fmt_bytes(t.nbytes),
                       f"{bpw:.2f}", *im, t.decision.reason)
     console = Console(width=max(120, Console().width))
     console.print(table)
     total_bpw = 8 * plan.nbytes / max(plan.n_params, 1)
     console.print(f"{len(plan.tensors)} tensors, {plan.n_params / 1e6:.1f} M parameters, "
-                  f"{_size(plan.nbytes)} of tensor data ({total_bpw:.2f} bits/weight); "
+                  f"{fmt_bytes(plan.nbytes)} of tensor data ({total_bpw:.2f} bits/weight); "
                   f"vocabulary {len(plan.vocab)} tokens ({plan.vocab.model}"
                   f"{', pre=' + plan.vocab.pre if plan.vocab.pre else ''}); skipped: {len(plan.skipped)}")
     if plan.imatrix_path:
@@ -84,5 +77,5 @@ def main(args) -> int:
         return 0
     show = not args.no_progress and sys.stderr.isatty()
     path = write_gguf(plan, out, force=args.force, progress=show, n_threads=args.threads)
-    print(f"wrote {path} ({_size(path.stat().st_size)}, {plan.qtype}, {len(plan.tensors)} tensors)")
+    print(f"wrote {path} ({fmt_bytes(path.stat().st_size)}, {plan.qtype}, {len(plan.tensors)} tensors)")
     return 0

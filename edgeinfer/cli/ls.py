@@ -12,6 +12,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from edgeinfer.resolve import list_models, models_dir
+    from edgeinfer.units import fmt_bytes
 
     models = list_models()
     if args.json:
@@ -20,8 +21,8 @@ def main(args) -> int:
         print()
         return 0
     w = max([len(m.name) for m in models] + [4])
-    print(f"{'NAME':<{w}}  {'SIZE':>9}  {'SOURCE':<13}  PATH")
+    print(f"{'NAME':<{w}}  {'SIZE':>10}  {'SOURCE':<13}  PATH")
     for m in models:
-        print(f"{m.name:<{w}}  {m.size / 2**20:>7.1f}MB  {m.source:<13}  {m.path}")
+        print(f"{m.name:<{w}}  {fmt_bytes(m.size):>10}  {m.source:<13}  {m.path}")
     print(f"\n(models folder: {models_dir()})", file=sys.stderr)
     return 0

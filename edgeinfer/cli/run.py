@@ -7,6 +7,7 @@ import sys
 
 from edgeinfer.cli.args import add_load_args, add_model_arg, add_sampling_args, load_options, sampling_params
 from edgeinfer.errors import EdgeinferError
+from edgeinfer.units import fmt_bytes_short
 
 
 def add_arguments(p) -> None:
@@ -18,10 +19,6 @@ def add_arguments(p) -> None:
     add_load_args(p)
     p.add_argument("--stats", action="store_true", help="print load time, TTFT, prefill and decode tok/s to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
 
 
 def main(args) -> int:
@@ -64,9 +61,9 @@ def main(args) -> int:
                   f"prompt {t.prompt_tokens} tok, TTFT {t.ttft_s * 1000:.0f} ms, prefill {t.prefill_tok_s:.1f} tok/s\n"
                   f"generated {t.generated_tokens} tok, decode {t.decode_tok_s:.1f} tok/s, "
                   f"finish: {done.finish_reason}\n"
-                  f"memory: RSS {_fmt_bytes(mem.get('rss', 0))}"
-                  + (f", device {_fmt_bytes(mem['device'])}" if mem.get("device") else "")
-                  + (f", peak {_fmt_bytes(mem['peak'])}" if mem.get("peak") else ""),
+                  f"memory: RSS {fmt_bytes_short(mem.get('rss', 0))}"
+                  + (f", device {fmt_bytes_short(mem['device'])}" if mem.get("device") else "")
+                  + (f", peak {fmt_bytes_short(mem['peak'])}" if mem.get("peak") else ""),
                   file=sys.stderr)
     finally:
         backend.close()

@@ -8,7 +8,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
 from edgeinfer.tui.models import ModelRow, fmt_params
-from edgeinfer.tui.widgets.status_bar import fmt_bytes
+from edgeinfer.units import fmt_bytes_short
 
 
 NAME_WIDTH = 36  # keeps the table inside an 80-column terminal
@@ -30,7 +30,7 @@ class ModelPicker(ModalScreen[str | None]):
             table.add_columns("model", "arch", "params", "quant", "size")
             for r in self.rows:
                 name = r.name if len(r.name) <= NAME_WIDTH else r.name[: NAME_WIDTH - 1] + "…"
-                table.add_row(name, r.architecture, fmt_params(r.parameters), r.quant, fmt_bytes(r.size), key=r.name)
+                table.add_row(name, r.architecture, fmt_params(r.parameters), r.quant, fmt_bytes_short(r.size), key=r.name)
             yield table
             yield Label("", id="picker-detail", classes="hint")
             if not self.rows:

@@ -6,12 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from textual.widgets import Static
 
-
-def fmt_bytes(n: int) -> str:
-    """``123456789`` -> ``'118 MiB'`` (GiB from 1 GiB)."""
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"
+from edgeinfer.units import fmt_bytes_short
 
 
 @dataclass
@@ -45,9 +40,9 @@ def format_status(s: Status, width: int = 0) -> str:
     if s.backend:
         model.append(f"{s.backend}/{s.device}" if s.device else s.backend)
     if s.rss:
-        model.append(f"RSS {fmt_bytes(s.rss)}")
+        model.append(f"RSS {fmt_bytes_short(s.rss)}")
     if s.vram:
-        model.append(f"VRAM {fmt_bytes(s.vram)}")
+        model.append(f"VRAM {fmt_bytes_short(s.vram)}")
     speed = []
     if s.ctx_total:
         speed.append(f"ctx {s.ctx_used}/{s.ctx_total}")
