@@ -2,8 +2,9 @@
 
 Reference: ggml/src/ggml-quants.c (``quantize_row_qX_K_ref`` without an importance
 matrix, ``quantize_row_qX_K_impl`` with one).  The per-group scale searches
-(``make_qx_quants`` and friends) live in :mod:`edgeinfer.quant.kquants_search`, which
-documents how C's float32 order is kept; this module builds the blocks around them:
+(``make_qx_quants`` and friends) come from :mod:`edgeinfer.quant.searches` (compiled, or
+the numpy reference in :mod:`edgeinfer.quant.kquants_search`, which documents how C's
+float32 order is kept); this module builds the blocks around them:
 super-block scales (fp16, nearest-even like ggml), 6/8-bit sub-block scales, the final
 re-quantization against the stored scales, and the bit packing.  Rows are cut into
 chunks of ``_CHUNK_BLOCKS`` blocks (a cache-sized working set) that a thread pool
@@ -20,8 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-from .kquants_search import (F32, _groups, _u16, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i,
-                             _seqsum, make_q3, make_qkx, make_qp, make_qx)
+from .kquants_search import F32, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i, _u16
+from .searches import make_q3, make_qkx, make_qp, make_qx, rowsum
 
 QK_K = 256
 
@@ -32,14 +33,9 @@ class KQuantError(ValueError):
 
 # ------------------------------------------------------------------------- helpers
 
-def _ungroup(g: np.ndarray, nb: int) -> np.ndarray:
-    """Inverse of :func:`_groups`: [n, nb*256/n] -> [nb, 256]."""
-    return np.ascontiguousarray(g.T).reshape(nb, QK_K)
-
-
 def _block_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
     """factor * sum(x^2 over the 256 values, in order) / 256 per block [nb] -> [nb]."""
-    s = _seqsum(np.ascontiguousarray((x * x).T))
+    s = rowsum(x * x)
     return (F32(factor) * s) / F32(QK_K)
 
 
@@ -102,10 +98,10 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
 def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     """Q4_K (nmax 15) / Q5_K (nmax 31): ``quantize_row_q{4,5}_K_ref`` / ``_impl``."""
     nb = x.shape[0]
-    xg = _groups(x, 32)                                           # [32, nb*8]
+    xg = x.reshape(nb * 8, 32)                                    # one row per group of 32
     if qw is None:
-        av_x = np.sqrt(_seqsum(xg * xg) / F32(32))
-        wg = av_x + np.abs(xg)
+        av_x = np.sqrt(rowsum(xg * xg) / F32(32))
+        wg = av_x[:, None] + np.abs(xg)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, L = make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
@@ -120,12 +116,11 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
         m_bits, m16 = _fp16(max_min / F32(63))
     else:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
-        wg = _groups(w, 32)
-        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 8).T)   # [8, nb]
+        wg = w.reshape(nb * 8, 32)
+        sw = rowsum(wg).reshape(nb, 8)
         scales, mins, L = make_qkx(xg, wg, nmax, -0.9, 0.05, 36, False)
-        d_block, Ls = make_qp(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
-        m_block, Lm = make_qp(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
-        ls, lm = Ls.T.astype(np.uint8), Lm.T.astype(np.uint8)
+        d_block, ls = make_qp(scales.reshape(nb, 8), 63, sw)     # one row of 8 scales per block
+        m_block, lm = make_qp(mins.reshape(nb, 8), 63, sw)
         if nmax == 31:                                            # only q5_K_impl clamps
             ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
         d_bits, d16 = _fp16(d_block)
@@ -134,7 +129,7 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     sc, m = _unpack_k4_scales(packed)
     d = d16[:, None] * sc.astype(F32)
     dm = m16[:, None] * m.astype(F32)
-    L = _requant_asym(x, _ungroup(L, nb), d, dm, 8, nmax).astype(np.uint8)
+    L = _requant_asym(x, L.reshape(nb, QK_K), d, dm, 8, nmax).astype(np.uint8)
     Lq = L.reshape(nb, 4, 2, 32)                                  # [nb, chunk, half, l]
     qs = ((Lq[:, :, 0] & 0xF) | ((Lq[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
     head = [_u16(d_bits), _u16(m_bits), packed]
@@ -150,8 +145,8 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
 def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """Q6_K: ``quantize_row_q6_K_ref`` / ``_impl`` (210 bytes per block)."""
     nb = x.shape[0]
-    xg = _groups(x, 16)                                           # [16, nb*16]
-    wg = xg * xg if qw is None else _groups(qw, 16)
+    xg = x.reshape(nb * 16, 16)                                   # one row per group of 16
+    wg = xg * xg if qw is None else qw.reshape(nb * 16, 16)
     scales, L = make_qx(xg, 32, wg)
     sc = scales.reshape(nb, 16)
     amax, vmax = _first_absmax(np.ascontiguousarray(sc.T))
@@ -161,7 +156,7 @@ def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d_bits, d16 = _fp16(F32(1) / iscale)
     q = np.minimum(_nint_i(iscale[:, None] * sc), 127).astype(np.int8)
     d = d16[:, None] * q.astype(F32)
-    L = _requant_sym(x, _ungroup(L, nb), d, 16, -32, 31).astype(np.uint8)
+    L = _requant_sym(x, L.reshape(nb, QK_K), d, 16, -32, 31).astype(np.uint8)
     Lq = L.reshape(nb, 2, 4, 32)                                  # [nb, half, quarter, l]
     lo = Lq & 0xF
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
@@ -176,7 +171,7 @@ def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """Q3_K: ``quantize_row_q3_K_ref`` / ``_impl`` (110 bytes per block)."""
     nb = x.shape[0]
-    xg = _groups(x, 16)                                           # [16, nb*16]
+    xg = x.reshape(nb * 16, 16)                                   # one row per group of 16
     if qw is None:
         scales, L = make_q3(xg, 4)
         sc = scales.reshape(nb, 16)
@@ -189,15 +184,15 @@ def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         sgn = np.where(has[:, None], ls - 32, -32)
     else:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 2.0))
-        wg = _groups(w, 16)
-        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
+        wg = w.reshape(nb * 16, 16)
+        sw = rowsum(wg).reshape(nb, 16)
         scales, L = make_qx(xg, 4, wg)
-        d_block, Ls = make_qx(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
-        ls = Ls.T.astype(np.int32)
+        d_block, Ls = make_qx(scales.reshape(nb, 16), 32, sw)   # one row of 16 scales per block
+        ls = Ls.astype(np.int32)
         d_bits, d16 = _fp16(d_block)
         sgn = ls - 32
     d = d16[:, None] * sgn.astype(F32)
-    L = _requant_sym(x, _ungroup(L, nb), d, 16, -4, 3).astype(np.uint8)
+    L = _requant_sym(x, L.reshape(nb, QK_K), d, 16, -4, 3).astype(np.uint8)
     ls = ls.astype(np.uint8)
     s = np.zeros((nb, 12), dtype=np.uint8)
     s[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
@@ -215,7 +210,7 @@ def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """Q2_K: ``quantize_row_q2_K_ref`` / ``_impl`` (84 bytes per block)."""
     nb = x.shape[0]
-    xg = _groups(x, 16)                                           # [16, nb*16]
+    xg = x.reshape(nb * 16, 16)                                   # one row per group of 16
     if qw is None:
         scales, mins, L = make_qkx(xg, np.abs(xg), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
@@ -230,17 +225,17 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         m_bits, m16 = _fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
     else:
         w = _imatrix_weights(x, qw, _block_sigma2(x, 1.0))
-        wg = _groups(w, 16)
-        sw = np.ascontiguousarray(_seqsum(wg).reshape(nb, 16).T)  # [16, nb]
+        wg = w.reshape(nb * 16, 16)
+        sw = rowsum(wg).reshape(nb, 16)
         scales, mins, L = make_qkx(xg, wg, 3, -0.9, 0.05, 36, False)
-        dm, Ls = make_qp(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
-        mm, Lm = make_qp(np.ascontiguousarray(mins.reshape(nb, 16).T), 15, sw)
-        sb = (Ls.T.astype(np.uint8) | (Lm.T.astype(np.uint8) << 4)).astype(np.uint8)
+        dm, Ls = make_qp(scales.reshape(nb, 16), 15, sw)        # one row of 16 scales per block
+        mm, Lm = make_qp(mins.reshape(nb, 16), 15, sw)
+        sb = (Ls | (Lm << 4)).astype(np.uint8)
         d_bits, d16 = _fp16(dm)
         m_bits, m16 = _fp16(mm)
     d = d16[:, None] * (sb & 0xF).astype(F32)
     dmin = m16[:, None] * (sb >> 4).astype(F32)
-    L = _requant_asym(x, _ungroup(L, nb), d, dmin, 16, 3)
+    L = _requant_asym(x, L.reshape(nb, QK_K), d, dmin, 16, 3)
     return np.concatenate([sb, _pack_2bit(L), _u16(d_bits), _u16(m_bits)], axis=1)
 
 

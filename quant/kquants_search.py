@@ -364,12 +364,7 @@ def make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(zero, F32(0), scale).astype(F32), L
 
 
-# ------------------------------------------------------------------- layout helpers (K and legacy)
-
-def _groups(x: np.ndarray, n: int) -> np.ndarray:
-    """Blocks [nb, k*n] -> groups [n, nb*k] (value index first, contiguous): one column per group of n."""
-    return np.ascontiguousarray(x.reshape(-1, n).T)
-
+# ------------------------------------------------------------------- byte helpers (K and legacy)
 
 def _u16(bits: np.ndarray) -> np.ndarray:
     """fp16 bits [nb] -> little-endian bytes [nb, 2]."""

@@ -10,8 +10,8 @@ Without an importance matrix llama.cpp quantizes these types with ``quantize_row
 * Q4_1 / Q5_1: ``d = make_qkx3_quants(32, 15 | 31, x, weight, L, &the_min, Laux, -0.9, 0.05, 36,
   false)``, ``m = -the_min``.
 
-The searches are :mod:`edgeinfer.quant.kquants_search`'s ``make_qx`` and ``make_qkx`` (the same
-algorithms the K-quants use, vectorised over every block at once, in C's float32 order). Q8_0
+The searches are :mod:`edgeinfer.quant.searches`' ``make_qx`` and ``make_qkx`` (the same
+algorithms the K-quants use, compiled or numpy, in C's float32 order). Q8_0
 has no weighted variant (``quantize_q8_0`` ignores the weights), and neither do the float types.
 """
 
@@ -20,15 +20,15 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .kquants_search import F32, _fp16, _groups, _seqsum, _u16, make_qkx, make_qx
+from .kquants_search import F32, _fp16, _u16
+from .searches import make_qkx, make_qx, rowsum
 
 QK = 32
 
 
 def _row_sigma2(x: np.ndarray) -> np.ndarray:
     """sum(x*x over each row, in order) / cols: x [rows, cols] -> [rows] float32."""
-    s = _seqsum(np.ascontiguousarray((x * x).T))                  # [rows]
-    return s / F32(x.shape[1])
+    return rowsum(x * x) / F32(x.shape[1])
 
 
 def _weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -51,19 +51,18 @@ def _qh(L: np.ndarray) -> np.ndarray:
 
 def _encode_sym(x: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
     """Q4_0 (nmax 8) / Q5_0 (nmax 16): ``quantize_row_q{4,5}_0_impl``."""
-    scale, L = make_qx(_groups(x, QK), nmax, _groups(_weights(x, qw), QK))   # [nb], [32, nb] in 0..2*nmax-1
+    scale, Lb = make_qx(x.reshape(-1, QK), nmax, _weights(x, qw).reshape(-1, QK))  # [nb], [nb, 32] in 0..2*nmax-1
     d_bits, _ = _fp16(scale)
-    Lb = np.ascontiguousarray(L.T).astype(np.uint8)                 # [nb, 32]
     parts = [_u16(d_bits)] + ([_qh(Lb)] if nmax == 16 else []) + [_nibbles(Lb)]
     return np.concatenate(parts, axis=1)
 
 
 def _encode_asym(x: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
     """Q4_1 (nmax 15) / Q5_1 (nmax 31): ``quantize_row_q{4,5}_1_impl``."""
-    scale, the_min, L = make_qkx(_groups(x, QK), _groups(_weights(x, qw), QK), nmax, -0.9, 0.05, 36, False)
+    scale, the_min, Lb = make_qkx(x.reshape(-1, QK), _weights(x, qw).reshape(-1, QK), nmax,
+                                  -0.9, 0.05, 36, False)           # [nb], [nb], [nb, 32] in 0..nmax
     d_bits, _ = _fp16(scale)
     m_bits, _ = _fp16(-the_min)
-    Lb = np.ascontiguousarray(L.T).astype(np.uint8)                 # [nb, 32] in 0..nmax
     parts = [_u16(d_bits), _u16(m_bits)] + ([_qh(Lb)] if nmax == 31 else []) + [_nibbles(Lb)]
     return np.concatenate(parts, axis=1)
 
