@@ -107,7 +107,7 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):
             inv_s = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
             inv_m = np.where(max_min > 0, F32(63) / max_min, F32(0))
         ls = np.minimum(_nint_i(inv_s[:, None] * scales) & 0xFF, 63).astype(np.uint8)
@@ -216,7 +216,7 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):
             inv_s = np.where(max_scale > 0, F32(15) / max_scale, F32(0))
             inv_m = np.where(max_min > 0, F32(15) / max_min, F32(0))
         sb = (_nint_i(inv_s[:, None] * scales) & 0xFF).astype(np.uint8)

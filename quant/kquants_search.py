@@ -254,6 +254,10 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
 
     def levels(iscale, num=None):             # la = clamp(nearest_int(iscale*(x - min)))
         np.multiply(xm, iscale, out=la)       # xm = x - min, refreshed when a min moves
+        if not np.isfinite(iscale).all():     # a span below ~4e-38 overflows iscale: rint and
+            la[...] = _nint_i(la)             # C's trick differ on inf/nan, so replay the trick
+            _clip(la, zero, top, out=la)
+            return
         np.rint(la, out=la)
         if num is None or moved or num >= no_clamp_below:
             _clip(la, zero, top, out=la)

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
 import _llama_quant as lq
+from edgeinfer.quant import searches
 from edgeinfer.quant.kquants import K_TYPES, KQuantError, quantize_k
 
 
@@ -36,7 +37,8 @@ def _distributions(rng: np.random.Generator, cols: int = 512) -> dict[str, np.nd
     uniform = rng.uniform(-1, 1, (8, cols)).astype(np.float32)
     large = (rng.standard_normal((8, cols)) * 300).astype(np.float32)
     sparse = np.where(rng.random((8, cols)) < 0.05, rng.standard_normal((8, cols)), 0).astype(np.float32)
-    kinds = [normal, outliers, zeros, tiny, tinier, positive, negative, uniform, large, sparse]
+    subnormal = (rng.standard_normal((8, cols)) * 1e-40).astype(np.float32)  # 1/span overflows to inf
+    kinds = [normal, outliers, zeros, tiny, tinier, positive, negative, uniform, large, sparse, subnormal]
     return {f"blk.{i}.ffn_up.weight": a for i, a in enumerate(kinds)}
 
 
@@ -73,7 +75,13 @@ def _compare(tmp_path, tensors: dict[str, np.ndarray], qtype: QT, imatrix: dict 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
-def test_random_tensors_match_llama_cpp(tmp_path, qtype, weighted):
+@pytest.mark.parametrize("impl", ["native", "numpy"])
+def test_random_tensors_match_llama_cpp(tmp_path, monkeypatch, qtype, weighted, impl):
+    """Both implementations of the group searches (compiled and numpy) against llama.cpp."""
+    if impl == "numpy":
+        monkeypatch.setattr(searches, "_LIB", None)
+    else:
+        assert searches.implementation() == "native", "the compiled searches were not built (pip install -e .)"
     rng = np.random.default_rng(1234 + int(qtype))
     tensors = _distributions(rng)
     imatrix = {n: _imatrix(rng, a.shape[1]) for n, a in tensors.items()} if weighted else None

@@ -41,9 +41,15 @@ def test_regular_wheel_installs_and_imports(tmp_path):
         assert rel.as_posix() in names, f"{rel} missing from the wheel: add its package to pyproject.toml"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(whl)],
                    check=True, capture_output=True, timeout=300)
+    # the compiled K-quant searches are built into the wheel and pass their load-time self-check
+    assert any(n.startswith("edgeinfer/quant/_kqnative") for n in names), "the C extension was not built"
     code = ("import edgeinfer, edgeinfer.quant, edgeinfer.kernels, edgeinfer.models, edgeinfer.cli; "
-            "print(edgeinfer.__file__)")
+            "from edgeinfer.quant import searches; "
+            "print(edgeinfer.__file__); print(searches.implementation(), searches._LIB._name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, cwd=tmp_path).stdout
-    assert out.strip().startswith(str(target)), out
+    first, second = out.strip().splitlines()
+    assert first.startswith(str(target)), out
+    impl, lib_path = second.split(" ", 1)
+    assert impl == "native" and lib_path.startswith(str(target)), out
     print(f"wheel {whl.name}: {len(names)} files")
