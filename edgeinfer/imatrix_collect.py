@@ -67,8 +67,7 @@ def collect_imatrix(backend, text: str, n_ctx: int = 512, max_chunks: int | None
     if n_ctx > backend.n_ctx:
         raise EdgeinferError(f"--ctx {n_ctx} exceeds the loaded context ({backend.n_ctx}); load with a larger context")
     tokens = backend.tokenize(text, add_special=False)
-    add_bos = bool(backend.header.metadata.get("tokenizer.ggml.add_bos_token", False))
-    bos = int(backend.header.metadata.get("tokenizer.ggml.bos_token_id", -1))
+    add_bos, bos = backend.adds_bos(), backend.bos_token_id()  # llama.cpp's vocab, as llama-imatrix
     todo = list(chunks(tokens, n_ctx, add_bos and bos >= 0, bos, max_chunks))
     if not todo:
         raise EdgeinferError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")

@@ -304,3 +304,46 @@ def test_chat_prefix_reuse_matches_a_fresh_prefill(torch_default):
     err = float((reused - fresh).abs().max() / fresh.abs().max())
     print(f"prefix reuse: {pos0} cached tokens, {s} prefilled; max rel diff vs fresh prefill {err:.2e} (tol 3e-2)")
     assert err < 3e-2 and int(reused.argmax()) == int(fresh.argmax())
+
+
+def test_bos_default_follows_llamacpp_for_spm_without_add_bos_key(tmp_path):
+    """A SentencePiece GGUF (tokenizer.ggml.model = "llama") without tokenizer.ggml.add_bos_token:
+    llama.cpp's vocab adds BOS by default for it, and its chat code then drops a template's leading
+    BOS (common/chat.cpp). Both backends must build the same prompt with exactly one BOS, and
+    imatrix chunks start with BOS as llama-imatrix's would."""
+    import json
+
+    import _tiny_models
+    from edgeinfer.backends.llamacpp import LlamaCppBackend
+    from edgeinfer.backends.torch_engine import TorchBackend
+    from edgeinfer.imatrix_collect import collect_imatrix
+    from edgeinfer.quant.convert import convert
+
+    folder = _tiny_models.make_tiny_checkpoint("gemma3", tmp_path / "spm")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["add_bos_token"]
+    cfg["chat_template"] = "{{ bos_token }}" + cfg["chat_template"]  # like Gemma's own template
+    cfg_path.write_text(json.dumps(cfg))
+    path = convert(folder, tmp_path / "spm.gguf", "F32")
+    opts = LoadOptions(n_ctx=64, n_threads=THREADS, device="cpu")
+    tb, lb = TorchBackend(path, opts), LlamaCppBackend(path, opts)
+    try:
+        meta = tb.header.metadata
+        assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.add_bos_token" not in meta
+        bos = int(meta["tokenizer.ggml.bos_token_id"])
+        chat = [{"role": "user", "content": "hello world"}]
+        t_toks, l_toks = tb._prompt_tokens(chat, 64), lb._prompt_tokens(chat, 64)
+        print(f"bos={bos} torch prompt {t_toks[:5]}... llama.cpp prompt {l_toks[:5]}...")
+        assert t_toks == l_toks
+        assert t_toks[0] == bos and t_toks[1] != bos, "BOS doubled (or missing) in the chat prompt"
+        assert tb.tokenize("hello")[0] == bos  # a raw prompt gets llama.cpp's BOS too
+        seen = []
+        real_logits = tb.logits
+        tb.logits = lambda toks: (seen.append(list(toks)), real_logits(toks))[1]
+        collect_imatrix(tb, natural_text(), n_ctx=16, max_chunks=2)
+        print("imatrix chunk starts:", [c[:3] for c in seen])
+        assert seen and all(c[0] == bos and len(c) == 16 for c in seen)
+    finally:
+        tb.close()
+        lb.close()

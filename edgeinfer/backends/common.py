@@ -84,6 +84,17 @@ class LlamaCppVocab:
     def _token_text(self, tok: int) -> str:
         return self.piece(tok).decode("utf-8", errors="replace")
 
+    def adds_bos(self) -> bool:
+        """Whether tokenizing with ``add_special`` prepends BOS: llama.cpp's vocab decides
+        (``tokenizer.ggml.add_bos_token`` if the GGUF has it, else llama.cpp's default for the
+        tokenizer model and pre-tokenizer: True for SentencePiece ``llama``, False for most
+        ``gpt2`` BPE vocabularies; see ``llama_vocab::impl::load`` in src/llama-vocab.cpp)."""
+        return bool(self._lc.llama_vocab_get_add_bos(self._vocab))
+
+    def bos_token_id(self) -> int:
+        """The vocabulary's BOS token id (-1 when it has none)."""
+        return int(self._lc.llama_vocab_bos(self._vocab))
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self._tok_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
@@ -157,14 +168,16 @@ class LlamaCppVocab:
 class PromptBuilder:
     """Turn a chat or a raw prompt into the text to tokenize, the way llama.cpp does.
 
-    A chat is rendered with the GGUF's template (sandboxed). When the model adds BOS itself
-    (``tokenizer.ggml.add_bos_token``) and the rendered text starts with the BOS string, that
-    leading BOS is removed so it is not doubled (llama.cpp's ``common_chat_templates_apply``).
+    A chat is rendered with the GGUF's template (sandboxed). When the tokenizer adds BOS itself
+    (``add_bos``: pass :meth:`LlamaCppVocab.adds_bos`, llama.cpp's rule, which has defaults per
+    tokenizer model when the GGUF lacks ``tokenizer.ggml.add_bos_token``) and the rendered text
+    starts with the BOS string, that leading BOS is removed so it is not doubled (llama.cpp's
+    ``common_chat_templates_apply``).
     """
 
-    def __init__(self, metadata: dict, token_text: Callable[[int], str], name: str):
+    def __init__(self, metadata: dict, token_text: Callable[[int], str], name: str, add_bos: bool):
         self.template: ChatTemplate = template_from_gguf_metadata(metadata, token_text, name)
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.add_bos = add_bos
 
     def prompt_text(self, prompt: str | Sequence[Message]) -> tuple[str, bool]:
         """Return ``(text, add_special)`` for the tokenizer."""

@@ -63,7 +63,7 @@ class LlamaCppBackend(LlamaCppVocab):
         self.seed = opts.seed
         self._cancel = threading.Event()
         self._init_vocab(self.llm)
-        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
+        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name, self.adds_bos())
 
     # -- info --------------------------------------------------------------------------------
     def info(self) -> ModelInfo:

@@ -83,7 +83,7 @@ class TorchBackend(LlamaCppVocab):
         self._cancel = threading.Event()
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._reuse_prefix = not any(layer.attn.cache.ring for layer in self.model.layers)
-        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name)
+        self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name, self.adds_bos())
 
     # -- info ----------------------------------------------------------------------------------
     def device_label(self) -> str:
