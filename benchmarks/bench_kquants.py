@@ -1,8 +1,19 @@
-"""K-quant encoder throughput vs Q8_0, and the encode time of whole-model recipes.
+"""K-quant encoder throughput vs Q8_0, the encode time of whole-model recipes, and whole `convert` runs.
 
 Usage:  python benchmarks/bench_kquants.py [--reps 3] [--threads N] [--baseline OLD_KQUANTS.py]
+        python benchmarks/bench_kquants.py --convert [--reps 5] [--workdir /tmp/bench_kquants]
 
-Prints (medians of ``--reps`` runs, MB/s of float32 input):
+``--convert`` measures what the K-quant issue's speed target is about: the wall time of
+``edgeinfer convert --qtype Q4_K_M`` (and Q5_K_M, Q4_K_M with an imatrix) against
+``edgeinfer convert --qtype Q8_0`` of the same checkpoint, each a fresh process, the runs
+interleaved, on (a) the default model exported as a Hugging Face checkpoint (its 576-wide rows
+fall back to Q5_0/Q8_0 except ffn_down) and (b) a generated llama whose rows are all multiples
+of 256 (every matrix a K type, as in real 1B-70B models), with the compiled group searches and,
+for comparison, with ``EDGEINFER_KQUANTS=numpy``.
+
+Without ``--convert`` it prints:
+
+(medians of ``--reps`` runs, MB/s of float32 input)
 1. each K type (edgeinfer.quant.kquants, plain and with an imatrix), single-threaded and
    with ``--threads``, next to the legacy Q8_0 encoders (gguf's numpy ``quantize`` and
    edgeinfer's torch encoder) on the same [1536, 2048] matrix;
@@ -149,13 +160,76 @@ def model_table(reps: int, baseline: str | None) -> None:
               f"by type: {split}")
 
 
+def _convert_time(ckpt, qtype: str, out, env: dict, extra: list[str]) -> float:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "edgeinfer", "convert", str(ckpt), "--qtype", qtype, "-o", str(out),
+           "--force", "--no-progress", *extra]
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def convert_table(reps: int, workdir: str) -> None:
+    """Wall time of whole `edgeinfer convert` runs per recipe vs Q8_0 (see the module docstring)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests"))
+    sys.path.insert(0, str(root / "benchmarks"))
+    import _hf_export
+    from bench_convert import make_checkpoint
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = {"default model (576-wide)": _hf_export.export_default_checkpoint(work / "hf-default"),
+             "llama 8x1024, ff 2816 (256-multiples)": make_checkpoint(work / "llama-1024", 8, 1024, 2816)}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    from edgeinfer.resolve import default_model_path
+
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.is_file():                       # statistics of the default model's own text
+        subprocess.run([sys.executable, "-m", "edgeinfer", "imatrix", str(default_model_path()), "--text",
+                        "@stdlib-calib", "--chunks", "4", "-o", str(imatrix)], env=env, check=True,
+                       capture_output=True)
+    runs = [("Q8_0", "native", []), ("Q4_K_M", "native", []), ("Q5_K_M", "native", []),
+            ("Q4_K_M", "numpy", [])]
+    for name, ckpt in ckpts.items():
+        cases = runs + ([("Q4_K_M+imatrix", "native", ["--imatrix", str(imatrix)])]
+                        if name.startswith("default") else [])
+        times: dict[str, list[float]] = {f"{q} {impl}": [] for q, impl, _ in cases}
+        for _ in range(reps):
+            for q, impl, extra in cases:
+                e = dict(env, EDGEINFER_KQUANTS=impl)
+                times[f"{q} {impl}"].append(_convert_time(ckpt, q.split("+")[0], work / "out.gguf", e, extra))
+        size = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors")) / 2**20
+        print(f"\n{name}: {ckpt} ({size:.0f} MiB safetensors), medians of {reps} interleaved runs, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        base = statistics.median(times["Q8_0 native"])
+        for label, ts in times.items():
+            med = statistics.median(ts)
+            print(f"  convert {label:24s} {med:6.2f} s   vs Q8_0 {med / base:5.2f}x   "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--convert", action="store_true", help="time whole convert runs per recipe (the target)")
+    ap.add_argument("--workdir", default="/tmp/bench_kquants")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--baseline", help="an older, self-contained kquants.py to time against")
     args = ap.parse_args()
+    from edgeinfer.quant import searches
+
+    print(f"group searches: {searches.implementation()}")
+    if args.convert:
+        convert_table(args.reps, args.workdir)
+        return
     encoder_table(args.reps, args.threads, args.baseline)
     if not args.skip_model:
         model_table(args.reps, args.baseline)
