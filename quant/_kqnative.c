@@ -54,7 +54,7 @@ static inline int ei_clampi(int v, int lo, int hi) {
 }
 
 /* Library version: bumped whenever a kernel's contract changes (checked by the loader). */
-EI_API int ei_version(void) { return 1; }
+EI_API int ei_version(void) { return 2; }
 
 /* out[g] = x[g][0] + x[g][1] + ... + x[g][n-1], in that order. */
 EI_API void ei_rowsum(int64_t ng, int n, const float *x, float *out) {
@@ -63,6 +63,33 @@ EI_API void ei_rowsum(int64_t ng, int n, const float *x, float *out) {
         float s = 0.f;
         for (int i = 0; i < n; ++i) s += xg[i];
         out[g] = s;
+    }
+}
+
+/* Weights of the unweighted Q4_K/Q5_K search: w[g][i] = sqrtf(sum_i x^2 / n) + |x[g][i]|. */
+EI_API void ei_weights_rms_abs(int64_t ng, int n, const float *x, float *w) {
+    for (int64_t g = 0; g < ng; ++g) {
+        const float *xg = x + g * n;
+        float s = 0.f;
+        for (int i = 0; i < n; ++i) s += xg[i] * xg[i];
+        float av = sqrtf(s / (float)n);
+        for (int i = 0; i < n; ++i) w[g * n + i] = av + fabsf(xg[i]);
+    }
+}
+
+/* Final levels against the stored (already rounded) sub-block scales, per group g of n:
+ * L = clamp(nearest_int((x + dm[g]) / d[g]), lo, hi) - lo, or x / d[g] when dm is NULL.
+ * Groups with d[g] == 0 keep the levels already in L. */
+EI_API void ei_requant(int64_t ng, int n, const float *x, const float *d, const float *dm,
+                       int lo, int hi, uint8_t *L) {
+    for (int64_t g = 0; g < ng; ++g) {
+        if (d[g] == 0) continue;
+        const float *xg = x + g * n;
+        const float off = dm ? dm[g] : 0.f;
+        for (int i = 0; i < n; ++i) {
+            float v = dm ? (xg[i] + off) / d[g] : xg[i] / d[g];
+            L[g * n + i] = (uint8_t)(ei_clampi(ei_round(v), lo, hi) - lo);
+        }
     }
 }
 

@@ -21,8 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-from .kquants_search import F32, _GROUP_MAX_EPS, _div, _first_absmax, _fp16, _nint, _nint_i, _u16
-from .searches import make_q3, make_qkx, make_qp, make_qx, rowsum
+from .kquants_search import F32, _GROUP_MAX_EPS, _first_absmax, _fp16, _nint_i, _u16
+from .searches import make_q3, make_qkx, make_qp, make_qx, requant, rowsum, weights_rms_abs
 
 QK_K = 256
 
@@ -66,23 +66,16 @@ def _unpack_k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
-def _requant_asym(x, L, d, dm, nsub, nmax):
-    """L = clamp(nearest_int((x + dm)/d), 0, nmax) where d != 0, per sub-block.
+def _requant(x, L, d, dm, lo, hi):
+    """Final levels of blocks x [nb, 256] against the stored sub-block scales d (offsets dm) [nb, nsub].
 
-    x, L: [nb, 256]; d, dm: [nb, nsub].  Sub-blocks with d == 0 keep their L.
+    ``clamp(nearest_int((x + dm)/d), lo, hi) - lo`` (``x/d`` without dm); sub-blocks with
+    d == 0 keep their levels L [nb, 256].  uint8 [nb, 256].
     """
-    xs = x.reshape(x.shape[0], nsub, -1)
-    new = _nint(_div(xs + dm[..., None], d[..., None]), 0, nmax)
-    np.copyto(new, L.reshape(xs.shape), where=(d == 0)[..., None])
-    return new.reshape(x.shape)
-
-
-def _requant_sym(x, L, d, nsub, lo, hi):
-    """L = clamp(nearest_int(x/d), lo, hi) - lo where d != 0 (symmetric types)."""
-    xs = x.reshape(x.shape[0], nsub, -1)
-    new = _nint(_div(xs, d[..., None]), lo, hi) - F32(lo)
-    np.copyto(new, L.reshape(xs.shape), where=(d == 0)[..., None])
-    return new.reshape(x.shape)
+    nb, nsub = d.shape
+    rows = (nb * nsub, QK_K // nsub)
+    new = requant(x.reshape(rows), L.reshape(rows), d.reshape(-1), None if dm is None else dm.reshape(-1), lo, hi)
+    return new.reshape(nb, QK_K)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -100,8 +93,7 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     nb = x.shape[0]
     xg = x.reshape(nb * 8, 32)                                    # one row per group of 32
     if qw is None:
-        av_x = np.sqrt(rowsum(xg * xg) / F32(32))
-        wg = av_x[:, None] + np.abs(xg)
+        wg = weights_rms_abs(xg)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, L = make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
@@ -129,7 +121,7 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     sc, m = _unpack_k4_scales(packed)
     d = d16[:, None] * sc.astype(F32)
     dm = m16[:, None] * m.astype(F32)
-    L = _requant_asym(x, L.reshape(nb, QK_K), d, dm, 8, nmax).astype(np.uint8)
+    L = _requant(x, L, d, dm, 0, nmax)
     Lq = L.reshape(nb, 4, 2, 32)                                  # [nb, chunk, half, l]
     qs = ((Lq[:, :, 0] & 0xF) | ((Lq[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
     head = [_u16(d_bits), _u16(m_bits), packed]
@@ -156,7 +148,7 @@ def _encode_q6(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d_bits, d16 = _fp16(F32(1) / iscale)
     q = np.minimum(_nint_i(iscale[:, None] * sc), 127).astype(np.int8)
     d = d16[:, None] * q.astype(F32)
-    L = _requant_sym(x, L.reshape(nb, QK_K), d, 16, -32, 31).astype(np.uint8)
+    L = _requant(x, L, d, None, -32, 31)
     Lq = L.reshape(nb, 2, 4, 32)                                  # [nb, half, quarter, l]
     lo = Lq & 0xF
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
@@ -192,7 +184,7 @@ def _encode_q3(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d_bits, d16 = _fp16(d_block)
         sgn = ls - 32
     d = d16[:, None] * sgn.astype(F32)
-    L = _requant_sym(x, L.reshape(nb, QK_K), d, 16, -4, 3).astype(np.uint8)
+    L = _requant(x, L, d, None, -4, 3)
     ls = ls.astype(np.uint8)
     s = np.zeros((nb, 12), dtype=np.uint8)
     s[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
@@ -235,7 +227,7 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         m_bits, m16 = _fp16(mm)
     d = d16[:, None] * (sb & 0xF).astype(F32)
     dmin = m16[:, None] * (sb >> 4).astype(F32)
-    L = _requant_asym(x, L.reshape(nb, QK_K), d, dmin, 16, 3)
+    L = _requant(x, L, d, dmin, 0, 3)
     return np.concatenate([sb, _pack_2bit(L), _u16(d_bits), _u16(m_bits)], axis=1)
 
 

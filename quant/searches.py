@@ -26,7 +26,7 @@ import numpy as np
 from . import kquants_search as ks
 
 F32 = np.float32
-_VERSION = 1                                  # ei_version() of the library this module expects
+_VERSION = 2                                  # ei_version() of the library this module expects
 
 
 def _load_native() -> ctypes.CDLL | None:
@@ -48,11 +48,14 @@ def _load_native() -> ctypes.CDLL | None:
                       "reinstall edgeinfer (pip install -e .) to rebuild them; using numpy (slower)")
         return None
     lib.ei_rowsum.argtypes = [i64, i32, p, p]
+    lib.ei_weights_rms_abs.argtypes = [i64, i32, p, p]
+    lib.ei_requant.argtypes = [i64, i32, p, p, p, i32, i32, p]
     lib.ei_make_qkx.argtypes = [i64, i32, i32, p, p, f32, f32, i32, i32, p, p, p]
     lib.ei_make_qx.argtypes = [i64, i32, i32, p, p, p, p]
     lib.ei_make_q3.argtypes = [i64, i32, i32, p, p, p]
     lib.ei_make_qp.argtypes = [i64, i32, i32, p, p, p, p]
-    for f in (lib.ei_rowsum, lib.ei_make_qkx, lib.ei_make_qx, lib.ei_make_q3, lib.ei_make_qp):
+    for f in (lib.ei_rowsum, lib.ei_weights_rms_abs, lib.ei_requant, lib.ei_make_qkx, lib.ei_make_qx,
+              lib.ei_make_q3, lib.ei_make_qp):
         f.restype = None
     return lib
 
@@ -81,6 +84,37 @@ def rowsum(a: np.ndarray) -> np.ndarray:
         return s + F32(0)                     # C's sum starts from +0.0 (only an all -0.0 row shows it)
     out = np.empty(a.shape[0], dtype=F32)
     _LIB.ei_rowsum(a.shape[0], a.shape[1], _ptr(a), _ptr(out))
+    return out
+
+
+def weights_rms_abs(x: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K search weights per row of x [G, n]: sqrtf(sum(x^2 in order) / n) + |x|, float32 [G, n]."""
+    x = _c(x)
+    if _LIB is None:
+        return np.sqrt(rowsum(x * x) / F32(x.shape[1]))[:, None] + np.abs(x)
+    w = np.empty_like(x)
+    _LIB.ei_weights_rms_abs(x.shape[0], x.shape[1], _ptr(x), _ptr(w))
+    return w
+
+
+def requant(x: np.ndarray, L: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+    """Final levels per row g of x [G, n] against the stored scales d [G] (and offsets dm [G]).
+
+    ``clamp(nearest_int((x + dm) / d), lo, hi) - lo`` (``x / d`` when dm is None) as uint8 [G, n];
+    rows with d == 0 keep their levels from L (uint8 [G, n]).
+    """
+    x, d = _c(x), _c(d)
+    out = np.array(L, dtype=np.uint8, order="C", copy=True)
+    if _LIB is None:
+        with np.errstate(all="ignore"):
+            v = np.divide(x if dm is None else x + _c(dm)[:, None], d[:, None], dtype=F32)
+            # C's nearest_int: rint for |v| < 2^22, its bit trick beyond (inf/nan from a tiny d)
+            r = np.where(np.abs(v) < F32(2 ** 22), np.rint(v), ks._nint_i(v).astype(F32))
+            new = (np.clip(r, F32(lo), F32(hi)) - F32(lo)).astype(np.uint8)
+        keep = d == 0
+        out[~keep] = new[~keep]
+        return out
+    _LIB.ei_requant(x.shape[0], x.shape[1], _ptr(x), _ptr(d), None if dm is None else _ptr(_c(dm)), lo, hi, _ptr(out))
     return out
 
 
@@ -163,7 +197,7 @@ def probe_groups(seed: int = 0) -> list[np.ndarray]:
 def _self_check(lib: ctypes.CDLL) -> str | None:
     """Run both implementations on :func:`probe_groups`; None if every output is bit-identical."""
     global _LIB
-    results = []
+    saved, results = _LIB, []
     for impl in (None, lib):
         _LIB = impl
         out = []
@@ -171,13 +205,19 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             n = x.shape[1]
             w = np.abs(x) + F32(0.01)
             out.append(rowsum(x))
+            out.append(weights_rms_abs(x))
+            d = np.abs(x[:, 0]) * F32(0.05)
+            d[::7] = 0
+            L0 = np.full(x.shape, 3, np.uint8)
+            out.append(requant(x, L0, d, np.abs(x[:, 1]), 0, 15))
+            out.append(requant(x, L0, d, None, -32, 31))
             out += list(make_qkx(x, w, 15, -1.0, 0.1, 20, False))
             out += list(make_qkx(x, np.abs(x), 3, -0.5, 0.1, 15, True))
             out += list(make_qx(x, 32 if n == 16 else 16, x * x))
             out += list(make_q3(x, 4))
             out += list(make_qp(np.abs(x), 63, w))
         results.append(out)
-    _LIB = None
+    _LIB = saved
     for i, (a, b) in enumerate(zip(*results)):
         if a.tobytes() != b.tobytes():
             return f"output {i} differs"
