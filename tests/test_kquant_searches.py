@@ -58,12 +58,23 @@ def _group_sets(seed: int, n: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _scales(x: np.ndarray) -> np.ndarray:
+    """Per-row scales for requant: plausible, zero (rows kept), and tiny (|x/d| beyond 2^22)."""
+    d = (np.abs(x).max(axis=1) / F32(20)).astype(F32)
+    d[::5] = 0
+    d[1::9] = F32(1e-38)
+    return d
+
+
 @pytest.mark.parametrize("n", [8, 16, 32])
 def test_kernels_match_numpy(monkeypatch, native, n):
     """Every search, with the parameters the encoders use, on every group set: same bits."""
     rng = np.random.default_rng(n)
     calls = {
         "rowsum": lambda x, w: [searches.rowsum(x)],
+        "weights_rms_abs": lambda x, w: [searches.weights_rms_abs(x)],
+        "requant asym": lambda x, w: [searches.requant(x, (w > 0.01).astype(np.uint8), _scales(x), np.abs(x[:, 1]), 0, 15)],
+        "requant sym": lambda x, w: [searches.requant(x, (w > 0.01).astype(np.uint8), _scales(x), None, -32, 31)],
         "qkx Q4_K": lambda x, w: searches.make_qkx(x, w, 15, -1.0, 0.1, 20, False),
         "qkx Q5_K": lambda x, w: searches.make_qkx(x, w, 31, -0.5, 0.1, 15, False),
         "qkx Q2_K mad": lambda x, w: searches.make_qkx(x, np.abs(x), 3, -0.5, 0.1, 15, True),
