@@ -20,7 +20,9 @@ Without ``--convert`` it prints:
 2. the encode time of every tensor of the default model (dequantized to float32) under
    the Q4_K_M, Q5_K_M and Q6_K recipes (``quant/recipes.py``, each type with the
    converter's registered encoder) vs the Q8_0 recipe and vs gguf's numpy Q8_0 encoder
-   on all matrices (a baseline that does not depend on torch's thread pool).
+   on all matrices (a baseline that does not depend on torch's thread pool);
+3. the same K types encoded by llama.cpp's own quantizer (``llama_model_quantize``, pure
+   recipe) on the same floats, side by side.
 With ``--baseline`` (a self-contained older copy of ``kquants.py``, e.g. from
 ``git show eed80db:quant/kquants.py``) both tables also time that copy, interleaved run
 by run with the current one (table 1 first checks that both write identical bytes).
@@ -215,6 +217,39 @@ def convert_table(reps: int, workdir: str) -> None:
                   f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
 
 
+def llama_table(reps: int, threads: int) -> None:
+    """K-type encode time: edgeinfer's quantize_k vs llama.cpp's llama_model_quantize, same floats.
+
+    Both quantize the same eight [2048, 2048] float32 matrices (pure recipe: every matrix the
+    K type), interleaved run by run; llama.cpp's time includes reading and writing its GGUFs
+    (tmpfs-cached, ~2 x 134 MB), ours only the encoding, so the ratio slightly favours us.
+    """
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import _llama_quant as lq
+
+    from edgeinfer.quant.kquants import quantize_k
+
+    rng = np.random.default_rng(0)
+    tensors = {f"blk.{i}.ffn_up.weight": (rng.standard_normal((2048, 2048)) * 0.02).astype(np.float32)
+               for i in range(8)}
+    mb = sum(a.nbytes for a in tensors.values()) / 1e6
+    print(f"\nvs llama.cpp's quantizer: 8 x [2048, 2048] float32 = {mb:.0f} MB, {threads} threads, "
+          f"medians of {reps}; load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as d:
+        src = lq.write_f32_gguf(Path(d) / "in.gguf", tensors, lq.Hparams(n_layer=8))
+        for qt in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+            ours = lambda: [quantize_k(a, qt, n_threads=threads) for a in tensors.values()]
+            ref = lambda: lq.llama_quantize(src, Path(d) / "out.gguf", lq.PURE_FTYPE[qt], pure=True,
+                                            nthread=threads)
+            t_ours, t_ref = _median_times([ours, ref], reps)
+            print(f"{qt.name}: edgeinfer {mb / t_ours:7.1f} MB/s   llama.cpp {mb / t_ref:7.1f} MB/s   "
+                  f"time ratio edgeinfer/llama.cpp {t_ours / t_ref:5.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--convert", action="store_true", help="time whole convert runs per recipe (the target)")
@@ -231,6 +266,7 @@ def main() -> None:
         convert_table(args.reps, args.workdir)
         return
     encoder_table(args.reps, args.threads, args.baseline)
+    llama_table(args.reps, args.threads)
     if not args.skip_model:
         model_table(args.reps, args.baseline)
 

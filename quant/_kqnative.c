@@ -29,8 +29,8 @@
 #endif
 
 /* The lane loops are compiled for several x86 vector widths, picked at load time (GCC/clang
- * ifunc on ELF); elsewhere (ARM has NEON as its baseline) the default build is used. */
-#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__)
+ * ifunc on glibc); elsewhere (ARM has NEON as its baseline) the default build is used. */
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && defined(__GLIBC__)
 #define EI_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define EI_SIMD_CLONES
