@@ -215,6 +215,30 @@ def convert_table(reps: int, workdir: str) -> None:
             med = statistics.median(ts)
             print(f"  convert {label:24s} {med:6.2f} s   vs Q8_0 {med / base:5.2f}x   "
                   f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+        print("  " + _same_as_llama_cpp(ckpt, work, env))
+
+
+def _same_as_llama_cpp(ckpt, work, env: dict) -> str:
+    """Our Q4_K_M file vs llama.cpp's Q4_K_M quantization of our F32 file: tensor bytes compared."""
+    import gguf
+    import llama_cpp
+
+    f32, ours, ref = work / "f32.gguf", work / "ours-q4km.gguf", work / "llama-q4km.gguf"
+    _convert_time(ckpt, "F32", f32, env, [])
+    _convert_time(ckpt, "Q4_K_M", ours, env, [])
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), params) != 0:
+        return "llama.cpp failed to quantize the F32 file"
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+    differ = [n for n in b if n not in a or a[n].tensor_type != b[n].tensor_type
+              or not np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data))]
+    for p in (f32, ours, ref):
+        p.unlink()
+    return (f"Q4_K_M tensors identical to llama.cpp's quantization of our F32 file: {len(b) - len(differ)}/{len(b)}"
+            + (f" (differ: {', '.join(differ[:5])})" if differ else ""))
 
 
 def llama_table(reps: int, threads: int) -> None:
