@@ -135,43 +135,35 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
     return s, m, L
 
 
-def make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml ``make_qx_quants(rmse_type=1, weights w)`` per row: (scale [G], L uint8 in 0..2*nmax-1)."""
-    x, w = _c(x), _c(w)
+def _scale_levels(native: str, ref, x: np.ndarray, nmax: int, w: np.ndarray | None):
+    """(scale [G], L uint8 [G, n]) of the searches that return one scale per group.
+
+    ``native``: the library's function name; ``ref``: the numpy search (``[n, G]`` layout).
+    """
+    ops = [_c(x)] if w is None else [_c(x), _c(w)]
     if _LIB is None:
         with np.errstate(all="ignore"):
-            s, L = ks.make_qx(_t(x), nmax, _t(w))
+            s, L = ref(_t(ops[0]), nmax, *(_t(o) for o in ops[1:]))
         return s, _t(L).astype(np.uint8)
-    g, n = x.shape
+    g, n = ops[0].shape
     s, L = np.empty(g, F32), np.empty((g, n), np.uint8)
-    _LIB.ei_make_qx(g, n, nmax, _ptr(x), _ptr(w), _ptr(s), _ptr(L))
+    getattr(_LIB, native)(g, n, nmax, *(_ptr(o) for o in ops), _ptr(s), _ptr(L))
     return s, L
+
+
+def make_qx(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_qx_quants(rmse_type=1, weights w)`` per row: (scale [G], L uint8 in 0..2*nmax-1)."""
+    return _scale_levels("ei_make_qx", ks.make_qx, x, nmax, w)
 
 
 def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml ``make_q3_quants(do_rmse=true)`` per row: (scale [G], L uint8 in 0..2*nmax-1)."""
-    x = _c(x)
-    if _LIB is None:
-        with np.errstate(all="ignore"):
-            s, L = ks.make_q3(_t(x), nmax)
-        return s, _t(L).astype(np.uint8)
-    g, n = x.shape
-    s, L = np.empty(g, F32), np.empty((g, n), np.uint8)
-    _LIB.ei_make_q3(g, n, nmax, _ptr(x), _ptr(s), _ptr(L))
-    return s, L
+    return _scale_levels("ei_make_q3", ks.make_q3, x, nmax, None)
 
 
 def make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ggml ``make_qp_quants`` per row (non-negative x, weights w): (scale [G], L as the uint8 stored)."""
-    x, w = _c(x), _c(w)
-    if _LIB is None:
-        with np.errstate(all="ignore"):
-            s, L = ks.make_qp(_t(x), nmax, _t(w))
-        return s, _t(L).astype(np.uint8)
-    g, n = x.shape
-    s, L = np.empty(g, F32), np.empty((g, n), np.uint8)
-    _LIB.ei_make_qp(g, n, nmax, _ptr(x), _ptr(w), _ptr(s), _ptr(L))
-    return s, L
+    return _scale_levels("ei_make_qp", ks.make_qp, x, nmax, w)
 
 
 # ------------------------------------------------------------------- choosing the library
