@@ -112,18 +112,24 @@ def _k_quant_4_5(b, high_bits: bool):
     return (ds * q.to(torch.float32) - dm).reshape(n, QK_K)
 
 
-def _q6_k(b):
+def q6_k_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [n, 210] -> (q uint8 [n, 256] in 0..63, s float32 [n, 16]): ``w = s * (q - 32)`` per 16."""
     n = b.shape[0]
     ql, qh = b[:, :128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = _f16(b[:, 208:210])
-    d = (d * scales).reshape(n, 16, 1)
+    s = _f16(b[:, 208:210]) * scales
     lo = (ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).reshape(1, 1, 2, 1))
     lo = (lo & 0x0F).reshape(n, 8, 32)
     hi = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     hi = (hi & 0x03).reshape(n, 8, 32)
-    q = (lo | (hi << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
+    return (lo | (hi << 4)).reshape(n, QK_K), s
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    q, s = q6_k_codes(b)
+    q = q.to(torch.int8) - 32
+    return (s.reshape(n, 16, 1) * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
 
 
 _BLOCK_FNS = {

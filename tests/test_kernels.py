@@ -91,7 +91,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("qtype", cpu_packed.PACKED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", cpu_packed.GROUP32_TYPES, ids=lambda t: t.name)
 def test_codes_scales_exact(qtype):
     # the packed CPU path's rewrite w = c*s + z reproduces the gguf package's values exactly
     raw = random_blocks(qtype, 8, 512, seed=2, scale=0.02)
@@ -102,6 +102,19 @@ def test_codes_scales_exact(qtype):
     assert np.array_equal(w, ref)
 
 
+def test_q6_k_planes_exact():
+    # Q6_K's four group-32 planes: sum over planes of c*s + z (float64) equals the gguf values
+    n, k = 8, 512
+    raw = random_blocks(T.Q6_K, n, k, seed=4, scale=0.02)
+    planes = cpu_packed.q6_k_planes(torch.from_numpy(raw), n, k)
+    w = sum((c.reshape(n, k // 32, 32) * s[..., None].astype(np.float64) + z[..., None]).reshape(n, k)
+            for c, s, z in planes)
+    ref = gguf.quants.dequantize(raw, T.Q6_K).astype(np.float64)
+    print(f"Q6_K planes: codes < {max(int(c.max()) for c, _, _ in planes) + 1}, "
+          f"max |sum(c*s+z) - gguf| = {np.abs(w - ref).max():.1e}")
+    assert all(c.max() < 16 for c, _, _ in planes) and np.array_equal(w, ref)
+
+
 # The packed CPU kernels take bfloat16 activations and bf16 (scale, zero) pairs, and return bf16:
 # three roundings of relative size <= 2^-9 each; over K-term dot products they average out to
 # ~3e-3 of the output norm. Tolerance 1e-2.
@@ -110,7 +123,7 @@ PACKED_TOL = 1e-2
 
 @pytest.mark.skipif(not cpu_packed.has_int4pack(), reason="torch build lacks the CPU int4pack kernels")
 @pytest.mark.parametrize("qtype", cpu_packed.PACKED_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("m", [1, 7, 40])  # Q6_K: 40 rows take the dequantize path (prefill)
 def test_cpu_packed_matmul(qtype, m):
     n, k = 96, 512
     raw = random_blocks(qtype, n, k, seed=m + int(qtype), scale=0.02)  # random codes, incl. extremes
@@ -138,8 +151,9 @@ def test_dequant_linear_chunked(qtype, monkeypatch):
 def test_quant_linear_paths_and_bias():
     from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear
 
-    n, k = 64, 256
-    for qtype, path in [(T.Q4_1, "cpu-packed"), (T.Q6_K, "dequant"), (T.F16, "dense")]:
+    k = 256
+    for qtype, n, path in [(T.Q4_1, 64, "cpu-packed"), (T.Q6_K, 64, "cpu-packed"), (T.Q6_K, 40, "dequant"),
+                           (T.F16, 64, "dense")]:
         raw = torch.from_numpy(random_blocks(qtype, n, k, seed=5, scale=0.02))
         bias = torch.randn(n)
         layer = QuantLinear(raw, qtype, n, k, bias=bias, name="blk.0.attn_q.weight")

@@ -192,7 +192,8 @@ def test_llamacpp_made_k_quant_mix_loads_and_matches(default_gguf, tmp_path, tex
         toks = text_tokens[:160]
         s = compare(llama_logits(out, toks), tb.logits(toks).double().numpy())
         print(f"llama.cpp Q4_K_M mix {kernels}: rel err {s['rel']:.3e}, KL/pos {s['kl_mean']:.2e}, top-1 {s['top1']:.2%}")
-        assert {"Q4_K:cpu-packed", "Q6_K:dequant", "Q5_0:cpu-packed"} <= set(kernels)
+        # (Q6_K: four int4 planes for decode; this 160-token pass takes its dequantize path)
+        assert {"Q4_K:cpu-packed", "Q6_K:cpu-packed", "Q5_0:cpu-packed"} <= set(kernels)
         # the exact fp32 dequantize path measures rel 3.1e-2 / KL 6.3e-3 / top-1 96 % against
         # llama.cpp on this file too (its 8-bit activations); bounds ~2x those
         assert s["rel"] < 0.06 and s["kl_mean"] < 1.5e-2 and s["top1"] >= 0.93
