@@ -44,6 +44,17 @@ def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.nd
     return qw * np.sqrt(sigma2[:, None] + x * x)
 
 
+def _subscale_codes(v: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unweighted quantization of a block's sub-block scales (or mins) v [nb, nsub].
+
+    Returns (nearest_int(top / max * v) as int32 [nb, nsub], 0 where max <= 0; max [nb], >= 0).
+    """
+    mx = np.maximum(v.max(axis=1), F32(0))
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(mx > 0, F32(top) / mx, F32(0))
+    return _nint_i(inv[:, None] * v), mx
+
+
 def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """Pack 8 six-bit scales and mins [nb, 8] (uint8) into the 12-byte K4/K5 layout."""
     s = np.zeros((ls.shape[0], 12), dtype=np.uint8)
@@ -97,13 +108,10 @@ def _encode_q45(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, L = make_qkx(xg, wg, nmax, rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-        max_scale = np.maximum(scales.max(axis=1), F32(0))
-        max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore", over="ignore"):
-            inv_s = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-            inv_m = np.where(max_min > 0, F32(63) / max_min, F32(0))
-        ls = np.minimum(_nint_i(inv_s[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-        lm = np.minimum(_nint_i(inv_m[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+        cs, max_scale = _subscale_codes(scales, 63)
+        cm, max_min = _subscale_codes(mins, 63)
+        ls = np.minimum(cs & 0xFF, 63).astype(np.uint8)
+        lm = np.minimum(cm & 0xFF, 63).astype(np.uint8)
         d_bits, d16 = _fp16(max_scale / F32(63))
         m_bits, m16 = _fp16(max_min / F32(63))
     else:
@@ -206,13 +214,10 @@ def _encode_q2(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     if qw is None:
         scales, mins, L = make_qkx(xg, np.abs(xg), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-        max_scale = np.maximum(scales.max(axis=1), F32(0))
-        max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore", over="ignore"):
-            inv_s = np.where(max_scale > 0, F32(15) / max_scale, F32(0))
-            inv_m = np.where(max_min > 0, F32(15) / max_min, F32(0))
-        sb = (_nint_i(inv_s[:, None] * scales) & 0xFF).astype(np.uint8)
-        sb |= ((_nint_i(inv_m[:, None] * mins) << 4) & 0xFF).astype(np.uint8)
+        cs, max_scale = _subscale_codes(scales, 15)
+        cm, max_min = _subscale_codes(mins, 15)
+        sb = (cs & 0xFF).astype(np.uint8)
+        sb |= ((cm << 4) & 0xFF).astype(np.uint8)
         d_bits, d16 = _fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
         m_bits, m16 = _fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
     else:
