@@ -116,3 +116,8 @@ def read_tensors(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.nd
 def block_mismatch(a: np.ndarray, b: np.ndarray, type_size: int) -> int:
     """Number of type_size-byte blocks that differ between two equal-size byte arrays."""
     return int((a.reshape(-1, type_size) != b.reshape(-1, type_size)).any(axis=1).sum())
+
+
+def blocks_differ(a: np.ndarray, b: np.ndarray, qtype: gguf.GGMLQuantizationType) -> int:
+    """:func:`block_mismatch` with the block size of ``qtype``."""
+    return block_mismatch(a, b, gguf.GGML_QUANT_SIZES[qtype][1])

@@ -70,11 +70,6 @@ def importance(rng: np.random.Generator, cols: int) -> np.ndarray:
     return w
 
 
-def blocks_differ(a: np.ndarray, b: np.ndarray, qtype: T) -> int:
-    ts = gguf.GGML_QUANT_SIZES[qtype][1]
-    return int((a.reshape(-1, ts) != b.reshape(-1, ts)).any(axis=1).sum())
-
-
 @pytest.mark.parametrize("qtype", WEIGHTED_TYPES, ids=lambda t: t.name)
 def test_weighted_legacy_encoders_match_ggml(qtype):
     """quantize_row_q{4,5}_{0,1}_impl: our numpy encoders == ggml on random rows (576 and 512 wide)."""
@@ -84,7 +79,7 @@ def test_weighted_legacy_encoders_match_ggml(qtype):
         x, qw = hard_rows(rng, 48, cols), importance(rng, cols)
         ours = quantize_weighted(x, qtype, qw)
         ref = ggml_quantize_chunk(x, qtype, qw)
-        bad += blocks_differ(ours, ref, qtype)
+        bad += lq.blocks_differ(ours, ref, qtype)
         total += ours.size // gguf.GGML_QUANT_SIZES[qtype][1]
         # the weights must matter: the plain (_ref) encoding differs somewhere
         assert not np.array_equal(ours, ggml_quantize_chunk(x, qtype, None))
@@ -112,7 +107,7 @@ def test_registry_imatrix_path():
         got = quantize(x, T.Q4_1, imatrix=experts, n_threads=2)
     finally:
         Q.CHUNK_ELEMENTS = old
-    print("chunked stacked-expert Q4_1:", blocks_differ(got, want, T.Q4_1), "blocks differ")
+    print("chunked stacked-expert Q4_1:", lq.blocks_differ(got, want, T.Q4_1), "blocks differ")
     assert np.array_equal(got, want)
     with pytest.raises(ValueError, match="does not fit"):
         quantize(x, T.Q4_0, imatrix=qw[:100])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+import _llama_quant as lq
 import _tiny_models
 from edgeinfer.quant.quantizers import REGISTRY, quantize
 
@@ -42,18 +43,13 @@ def hard_tensor(rows: int = 96, cols: int = 256, seed: int = 0) -> np.ndarray:
     return x
 
 
-def diff_blocks(a: np.ndarray, b: np.ndarray, qtype: T) -> int:
-    ts = gguf.GGML_QUANT_SIZES[qtype][1]
-    return int((a.reshape(-1, ts) != b.reshape(-1, ts)).any(axis=1).sum())
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_tensors_match_gguf_reference(qtype):
     for seed in range(3):
         x = hard_tensor(seed=seed)
         ours = quantize(torch.from_numpy(x), qtype)
         ref = gguf.quants.quantize(x, qtype).view(np.uint8).reshape(ours.shape)
-        bad = diff_blocks(ours, ref, qtype)
+        bad = lq.blocks_differ(ours, ref, qtype)
         print(f"{qtype.name} seed {seed}: {bad} of {ours.size // gguf.GGML_QUANT_SIZES[qtype][1]} blocks differ")
         assert bad == 0
 
@@ -78,7 +74,7 @@ def test_real_tensors_match_gguf_reference(real_weights, qtype):
     for name, w in real_weights.items():
         ours = quantize(torch.from_numpy(w), qtype)
         ref = gguf.quants.quantize(w, qtype).view(np.uint8).reshape(ours.shape)
-        bad = diff_blocks(ours, ref, qtype)
+        bad = lq.blocks_differ(ours, ref, qtype)
         print(f"{qtype.name} {name} {w.shape}: {bad} differing blocks")
         assert bad == 0
 
@@ -123,8 +119,6 @@ def _tensors(path) -> dict[str, tuple[T, np.ndarray]]:
 def test_corner_cases_match_llama_model_quantize(tmp_path, qtype):
     """ggml's C code itself on the corner-case tensor, plus blocks of -0.0 and of +m/-m ties
     (where the numpy reference and C could disagree: C keeps +0.0 and the first of a tie)."""
-    import _llama_quant
-
     x = hard_tensor(rows=64, cols=256, seed=5)
     x[6] = np.clip(x[6], -6e4, 6e4)  # llama.cpp rejects (validation) a min that overflows fp16
     x[10, :32] = -0.0
@@ -133,12 +127,12 @@ def test_corner_cases_match_llama_model_quantize(tmp_path, qtype):
     x[12, :32] = np.tile(np.float32([-2.0, 2.0]), 16)
     x[13, :32] = np.tile(np.float32([1.0, -1.0]), 16)
     name = "blk.0.ffn_up.weight"
-    src = _llama_quant.write_f32_gguf(tmp_path / "f32.gguf", {name: x})
+    src = lq.write_f32_gguf(tmp_path / "f32.gguf", {name: x})
     _llama_quantize(src, tmp_path / "q.gguf", int(gguf.LlamaFileType[f"MOSTLY_{qtype.name}"]), pure=True)
     qt, ref = _tensors(tmp_path / "q.gguf")[name]
     assert qt == qtype
     ours = quantize(torch.from_numpy(x), qtype).reshape(-1)
-    bad = diff_blocks(ours, ref, qtype)
+    bad = lq.blocks_differ(ours, ref, qtype)
     print(f"{qtype.name}: {bad} of {ours.size // gguf.GGML_QUANT_SIZES[qtype][1]} blocks differ from llama.cpp")
     assert bad == 0
 
@@ -192,6 +186,6 @@ def test_cuda_encoders_match_cpu(qtype):
     x = torch.from_numpy(hard_tensor(seed=3))
     cpu = quantize(x, qtype)
     gpu = quantize(x.cuda(), qtype)
-    bad = diff_blocks(cpu, gpu, qtype)
+    bad = lq.blocks_differ(cpu, gpu, qtype)
     print(f"{qtype.name}: {bad} blocks differ between CUDA and CPU")
     assert bad == 0
