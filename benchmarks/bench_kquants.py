@@ -221,16 +221,13 @@ def convert_table(reps: int, workdir: str) -> None:
 def _same_as_llama_cpp(ckpt, work, env: dict) -> str:
     """Our Q4_K_M file vs llama.cpp's Q4_K_M quantization of our F32 file: tensor bytes compared."""
     import gguf
-    import llama_cpp
+
+    import _llama_quant as lq                      # tests/ is on sys.path (convert_table)
 
     f32, ours, ref = work / "f32.gguf", work / "ours-q4km.gguf", work / "llama-q4km.gguf"
     _convert_time(ckpt, "F32", f32, env, [])
     _convert_time(ckpt, "Q4_K_M", ours, env, [])
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), params) != 0:
-        return "llama.cpp failed to quantize the F32 file"
+    lq.llama_quantize(f32, ref, "Q4_K_M", nthread=os.cpu_count() or 1)
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
     differ = [n for n in b if n not in a or a[n].tensor_type != b[n].tensor_type

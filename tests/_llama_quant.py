@@ -16,11 +16,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-# llama_ftype values (include/llama.h), by edgeinfer recipe name
-FTYPES = {
-    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15,
-    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-}
 # ftype whose *default* tensor type is each K type (used with pure=True)
 PURE_FTYPE = {
     gguf.GGMLQuantizationType.Q2_K: "Q2_K",
@@ -76,14 +71,19 @@ def write_f32_gguf(path: Path, tensors: dict[str, np.ndarray], hp: Hparams | Non
 
 
 def llama_quantize(src: Path, dst: Path, recipe: str, *, pure: bool = False,
-                   imatrix: dict[str, np.ndarray] | None = None, nthread: int = 2) -> Path:
-    """Run ``llama_model_quantize(src -> dst)`` with ``FTYPES[recipe]``; raise if it fails."""
+                   imatrix: dict[str, np.ndarray] | None = None, nthread: int = 2,
+                   allow_requantize: bool = False) -> Path:
+    """Run ``llama_model_quantize(src -> dst)``; raise if it fails.
+
+    ``recipe``: a llama_ftype name without ``MOSTLY_`` ("Q4_K_M", "F16", ...) or "ALL_F32".
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[recipe]
+    params.ftype = int(gguf.LlamaFileType[recipe if recipe == "ALL_F32" else f"MOSTLY_{recipe}"])
     params.nthread = nthread
     params.pure = pure
+    params.allow_requantize = allow_requantize
     keep = []
     if imatrix:
         arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

@@ -8,7 +8,6 @@ number of differing blocks it found.
 
 from __future__ import annotations
 
-import ctypes
 
 import gguf
 import numpy as np
@@ -99,17 +98,6 @@ def test_registry_geometry_and_chunking():
         quantize(torch.zeros(2, 48), T.Q4_0)
 
 
-def _llama_quantize(src, dst, ftype: int, pure: bool = False) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 2
-    params.pure = pure
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize returned {rc}"
-
-
 def _tensors(path) -> dict[str, tuple[T, np.ndarray]]:
     r = gguf.GGUFReader(str(path))
     return {t.name: (T(t.tensor_type), np.asarray(t.data).view(np.uint8).reshape(-1).copy()) for t in r.tensors}
@@ -128,7 +116,7 @@ def test_corner_cases_match_llama_model_quantize(tmp_path, qtype):
     x[13, :32] = np.tile(np.float32([1.0, -1.0]), 16)
     name = "blk.0.ffn_up.weight"
     src = lq.write_f32_gguf(tmp_path / "f32.gguf", {name: x})
-    _llama_quantize(src, tmp_path / "q.gguf", int(gguf.LlamaFileType[f"MOSTLY_{qtype.name}"]), pure=True)
+    lq.llama_quantize(src, tmp_path / "q.gguf", qtype.name, pure=True)
     qt, ref = _tensors(tmp_path / "q.gguf")[name]
     assert qt == qtype
     ours = quantize(torch.from_numpy(x), qtype).reshape(-1)
@@ -145,7 +133,7 @@ def compare_with_llama_quantize(folder, tmp_path, qtypes) -> None:
     failures = []
     for q in qtypes:
         ours = _tensors(convert(folder, tmp_path / f"ours-{q}.gguf", q))
-        _llama_quantize(f32, tmp_path / f"ref-{q}.gguf", int(gguf.LlamaFileType[f"MOSTLY_{q}"]))
+        lq.llama_quantize(f32, tmp_path / f"ref-{q}.gguf", q)
         ref = _tensors(tmp_path / f"ref-{q}.gguf")
         assert set(ours) == set(ref)
         type_diff = [n for n in ref if ours[n][0] != ref[n][0]]

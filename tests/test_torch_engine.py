@@ -22,12 +22,11 @@ What the numbers mean (measured while writing these tests, printed by every run)
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
 
+import _llama_quant as lq
 from edgeinfer.backend import Backend, DoneEvent, LoadOptions, SamplingParams
 
 N_POS = 300
@@ -135,12 +134,8 @@ def test_q4_parity_vs_llamacpp(q4_stats):
 @pytest.fixture(scope="module")
 def f32_copy(default_gguf, tmp_path_factory):
     """The default model requantized by llama.cpp to ALL_F32 (exactly the dequantized weights)."""
-    import llama_cpp
-
-    out = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = 0, True, 2
-    assert llama_cpp.llama_model_quantize(str(default_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    out = lq.llama_quantize(default_gguf, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf", "ALL_F32",
+                            allow_requantize=True)
     yield out
     out.unlink()
 
@@ -178,14 +173,9 @@ def test_f32_copy_exact_parity_and_greedy(f32_copy, text_tokens):
 def test_llamacpp_made_k_quant_mix_loads_and_matches(default_gguf, tmp_path, text_tokens):
     # llama.cpp's own Q4_K_M recipe on the default model: Q5_0/Q8_0 fallbacks (576-wide rows are
     # not whole 256-blocks), Q4_K and Q6_K ffn_down -- a mix of every kernel path on CPU.
-    import llama_cpp
-
     from edgeinfer.backends.torch_engine import TorchBackend
 
-    out = tmp_path / "q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = 15, True, 2  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(default_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    out = lq.llama_quantize(default_gguf, tmp_path / "q4_k_m.gguf", "Q4_K_M", allow_requantize=True)
     tb = TorchBackend(out, LoadOptions(n_ctx=512, n_threads=THREADS, device="cpu"))
     try:
         kernels = tb.info().extra["kernels"]
