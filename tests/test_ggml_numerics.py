@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import _ggml_ops
-from test_torch_engine import PROMPTS, THREADS, compare, llama_logits, natural_text
-from edgeinfer.backend import DoneEvent, LoadOptions, SamplingParams
+from test_torch_engine import THREADS, compare, greedy_agrees_or_near_tie, llama_logits, natural_text
+from edgeinfer.backend import LoadOptions
 from edgeinfer.errors import BackendError
 from edgeinfer.kernels import ggml_numerics as gn
 
@@ -158,20 +158,5 @@ def test_llamacpp_reproducibility_floor(default_gguf, lcpp_tokens, lcpp_stats):
 
 @pytest.mark.slow
 def test_llamacpp_numerics_greedy(default_gguf, torch_lcpp, llama_default, lcpp_stats):
-    sp = SamplingParams(temperature=0, max_tokens=32)
-    noise = 4 * lcpp_stats[1]["dmargin_std"]
-    for p in PROMPTS:
-        chat = [{"role": "user", "content": p}]
-        ours = [e.token_id for e in torch_lcpp.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
-        theirs = [e.token_id for e in llama_default.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
-        n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if n is None:
-            print(f"llama.cpp numerics greedy {p!r}: identical for {min(len(ours), len(theirs))} tokens")
-            assert len(ours) == len(theirs) or min(len(ours), len(theirs)) >= 32
-            continue
-        prefix = torch_lcpp.tokenize(torch_lcpp.prompts.prompt_text(chat)[0]) + ours[:n]
-        ref = llama_logits(default_gguf, prefix)[-1]
-        margin = float(ref[theirs[n]] - ref[ours[n]])
-        print(f"llama.cpp numerics greedy {p!r}: identical for {n} tokens, then llama.cpp {theirs[n]} vs torch "
-              f"{ours[n]}; llama.cpp margin {margin:+.3f}, noise bound {noise:.3f}")
-        assert abs(margin) < noise
+    greedy_agrees_or_near_tie(default_gguf, torch_lcpp, llama_default, 4 * lcpp_stats[1]["dmargin_std"],
+                              "llama.cpp numerics greedy")

@@ -192,24 +192,29 @@ def test_llamacpp_made_k_quant_mix_loads_and_matches(default_gguf, tmp_path, tex
 
 
 def test_greedy_q4_matches_llamacpp_or_diverges_at_near_tie(default_gguf, torch_default, llama_default, q4_stats):
+    greedy_agrees_or_near_tie(default_gguf, torch_default, llama_default, 4 * q4_stats["dmargin_std"], "greedy")
+
+
+def greedy_agrees_or_near_tie(gguf_path, torch_backend, llama_backend, noise: float, label: str) -> None:
+    """Greedy 32 tokens on every prompt from both backends: identical, or the first divergence
+    is a near-tie (llama.cpp's own margin between the two tokens below ``noise``)."""
     sp = SamplingParams(temperature=0, max_tokens=32)
-    noise = 4 * q4_stats["dmargin_std"]
     for p in PROMPTS:
         chat = [{"role": "user", "content": p}]
-        ours = [e.token_id for e in torch_default.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
-        theirs = [e.token_id for e in llama_default.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
+        ours = [e.token_id for e in torch_backend.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
+        theirs = [e.token_id for e in llama_backend.generate(chat, sp) if not isinstance(e, DoneEvent) and e.token_id >= 0]
         n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         if n is None:
-            print(f"greedy {p!r}: identical for {min(len(ours), len(theirs))} tokens")
+            print(f"{label} {p!r}: identical for {min(len(ours), len(theirs))} tokens")
             assert len(ours) == len(theirs) or min(len(ours), len(theirs)) >= 32
             continue
-        prefix = torch_default.tokenize(torch_default.prompts.prompt_text(chat)[0]) + ours[:n]
-        ref = llama_logits(default_gguf, prefix)[-1]
+        prefix = torch_backend.tokenize(torch_backend.prompts.prompt_text(chat)[0]) + ours[:n]
+        ref = llama_logits(gguf_path, prefix)[-1]
         a, b = theirs[n], ours[n]
         margin = float(ref[a] - ref[b])
         # llama.cpp's own batched re-evaluation of the same prefix may even prefer our token
         # (its step-by-step and batched matmuls round differently): |margin| is what matters.
-        print(f"greedy {p!r}: identical for {n} tokens, then llama.cpp picks {a} and torch {b}; "
+        print(f"{label} {p!r}: identical for {n} tokens, then llama.cpp picks {a} and torch {b}; "
               f"llama.cpp (batched) margin between them {margin:+.3f}, |margin| < noise bound {noise:.3f}")
         assert abs(margin) < noise
 
