@@ -80,8 +80,7 @@ def rowsum(a: np.ndarray) -> np.ndarray:
     """Per row of a [G, n]: a[g, 0] + a[g, 1] + ... in order (C's loop), float32 [G]."""
     a = _c(a)
     if _LIB is None:
-        s = ks._seqsum(_t(a)) if a.shape[1] > 1 else a[:, 0].copy()
-        return s + F32(0)                     # C's sum starts from +0.0 (only an all -0.0 row shows it)
+        return ks._seqsum(_t(a)) + F32(0)                     # C's sum starts from +0.0 (only an all -0.0 row shows it)
     out = np.empty(a.shape[0], dtype=F32)
     _LIB.ei_rowsum(a.shape[0], a.shape[1], _ptr(a), _ptr(out))
     return out
