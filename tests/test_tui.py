@@ -40,10 +40,21 @@ async def ready(pilot, app):
     await wait_for(pilot, lambda: app.host.backend is not None, what="model load")
 
 
-async def send(pilot, app, text):
-    app.prompt.focus()
+async def submit(pilot, app, text):
+    """Type ``text`` into the prompt and press Enter."""
     app.prompt.load_text(text)
     await pilot.press("enter")
+
+
+async def start_streaming(pilot, app, text, n_tokens):
+    """Submit ``text`` and wait until the reply has streamed ``n_tokens`` tokens."""
+    await submit(pilot, app, text)
+    await wait_for(pilot, lambda: app._n_tokens >= n_tokens, what=f"{n_tokens} tokens")
+
+
+async def send(pilot, app, text):
+    app.prompt.focus()
+    await submit(pilot, app, text)
     await wait_for(pilot, lambda: not app.generating, what="reply to finish")
     await pilot.pause(0.05)
 
@@ -54,8 +65,7 @@ async def test_send_streams_and_persists(tmp_path):
     app, loader = make_app(tmp_path, replies=[pieces], delay=0.02)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        app.prompt.load_text("hello model")
-        await pilot.press("enter")
+        await submit(pilot, app, "hello model")
         await wait_for(pilot, lambda: app._reply is not None and 0 < len(app._reply.text) < len("".join(pieces)),
                        what="a partial reply on screen")
         partial = app._reply.text
@@ -81,9 +91,7 @@ async def test_stop_mid_stream_keeps_partial(tmp_path):
     app, loader = make_app(tmp_path, replies=[pieces], delay=0.02, params=SamplingParams(max_tokens=500))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        app.prompt.load_text("count")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: app._n_tokens >= 5, what="5 tokens")
+        await start_streaming(pilot, app, "count", 5)
         t0 = time.perf_counter()
         await pilot.press("escape")
         await wait_for(pilot, lambda: not app.generating, what="stop")
@@ -105,9 +113,7 @@ async def test_ctrl_c_stops_too(tmp_path):
                       params=SamplingParams(max_tokens=500))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        app.prompt.load_text("go")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: app._n_tokens >= 3, what="3 tokens")
+        await start_streaming(pilot, app, "go", 3)
         await pilot.press("ctrl+c")
         await wait_for(pilot, lambda: not app.generating, timeout=2, what="ctrl+c to stop")
         assert app.is_running  # ctrl+c stopped the reply, not the app
@@ -366,8 +372,7 @@ async def test_load_failure_is_reported_not_fatal(tmp_path):
     app = ChatApp(store=ChatStore(tmp_path / "c.db"), loader=bad_loader, model="nope.gguf", memory_poll_s=0)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.status.status.state == "load failed", what="load failure")
-        app.prompt.load_text("hi")
-        await pilot.press("enter")
+        await submit(pilot, app, "hi")
         await wait_for(pilot, lambda: not app.generating, what="failed generation")
         notices = " ".join(str(n.render()) for n in app.chat.query(".notice"))
         assert "nope.gguf: no such file" in notices
@@ -381,9 +386,7 @@ async def test_delete_chat_while_streaming_does_not_crash(tmp_path):
                       params=SamplingParams(max_tokens=400))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        app.prompt.load_text("long one")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: app._n_tokens >= 3, what="tokens")
+        await start_streaming(pilot, app, "long one", 3)
         gone = app.conv.id
         await pilot.press("f8", "y")
         await wait_for(pilot, lambda: not app.generating, what="the reply to stop")
