@@ -121,3 +121,18 @@ def block_mismatch(a: np.ndarray, b: np.ndarray, type_size: int) -> int:
 def blocks_differ(a: np.ndarray, b: np.ndarray, qtype: gguf.GGMLQuantizationType) -> int:
     """:func:`block_mismatch` with the block size of ``qtype``."""
     return block_mismatch(a, b, gguf.GGML_QUANT_SIZES[qtype][1])
+
+
+def files_agree(ours: dict, ref: dict, label: str) -> bool:
+    """Print how two :func:`read_tensors` results differ (types, then bytes); True if they do not.
+
+    Both must hold the same tensor names (asserted).
+    """
+    assert set(ours) == set(ref)
+    type_diff = [(n, ours[n][0].name, ref[n][0].name) for n in ref if ours[n][0] != ref[n][0]]
+    byte_diff = [(n, ref[n][0].name, blocks_differ(ours[n][1], ref[n][1], ref[n][0]))
+                 for n in ref if ours[n][0] == ref[n][0] and not np.array_equal(ours[n][1], ref[n][1])]
+    kinds = sorted({t.name for t, _ in ref.values()})
+    print(f"{label}: {len(ref)} tensors ({', '.join(kinds)}): type mismatches {type_diff}, "
+          f"byte mismatches (tensor, type, blocks) {byte_diff}")
+    return not (type_diff or byte_diff)

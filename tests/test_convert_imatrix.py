@@ -137,14 +137,7 @@ def compare_imatrix(folder, tmp_path, recipes, imatrix_path, weights) -> None:
     for q in recipes:
         ours = lq.read_tensors(convert(folder, tmp_path / f"ours-{q}.gguf", q, imatrix=imatrix_path, force=True))
         ref = lq.read_tensors(lq.llama_quantize(f32, tmp_path / f"ref-{q}.gguf", q, imatrix=weights))
-        assert set(ours) == set(ref)
-        type_diff = [(n, ours[n][0].name, ref[n][0].name) for n in ref if ours[n][0] != ref[n][0]]
-        byte_diff = [(n, ref[n][0].name, lq.block_mismatch(ours[n][1], ref[n][1], gguf.GGML_QUANT_SIZES[ref[n][0]][1]))
-                     for n in ref if ours[n][0] == ref[n][0] and not np.array_equal(ours[n][1], ref[n][1])]
-        kinds = sorted({t.name for t, _ in ref.values()})
-        print(f"{q}+imatrix: {len(ref)} tensors ({', '.join(kinds)}): type mismatches {type_diff}, "
-              f"byte mismatches (tensor, type, blocks) {byte_diff}")
-        if type_diff or byte_diff:
+        if not lq.files_agree(ours, ref, f"{q}+imatrix"):
             failures.append(q)
     assert not failures
 
