@@ -5,8 +5,9 @@ every output tensor's name, shape and type; ``write_gguf`` then writes the GGUF 
 and tensor table, streams each tensor (read from its memory map -> float32 -> fix-ups -> encoder ->
 file) and renames the temporary file into place only once everything is written.
 
-Data flow: source.py (files) -> archs.py (names, fix-ups, hparams) -> vocab.py (tokenizer) ->
-policy.py (types) -> imatrix (per-tensor importance weights, optional) -> quantizers.py (bytes) ->
+Data flow: source.py (files) -> archs/<arch>.py, a spec (spec.py: metadata, the GGUF tensors
+and the row sources (rows.py) they read) -> vocab.py (tokenizer) -> policy.py (types) -> imatrix
+(per-tensor importance weights, optional) -> quantizers.py (bytes, a chunk of rows at a time) ->
 gguf.GGUFWriter.
 """
 
@@ -21,16 +22,17 @@ from typing import Callable, Iterator
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as T
 
 from edgeinfer.errors import ConversionError
-from edgeinfer.quant import archs as A
+from edgeinfer.quant.archs import find_arch, text_config
 from edgeinfer.quant.imatrix import Imatrix, ImatrixError, load_imatrix
 from edgeinfer.quant.policy import (FILE_TYPES, Policy, RecipePolicy, TensorPlanInput, TypeDecision, default_policy,
                                     recipe_names)
-from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, quantize, uses_imatrix
+from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, uses_imatrix
+from edgeinfer.quant.rows import RowSource, Rows
 from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
+from edgeinfer.quant.spec import ArchContext, ArchSpec, Out, kind_of
 from edgeinfer.quant.vocab import Vocab, load_vocab
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PlannedTensor:
-    """One output tensor: where it comes from, what it becomes."""
+    """One output tensor: where its rows come from, what it becomes."""
 
     gguf_name: str
-    shape: tuple[int, ...]  # output shape, numpy order [rows, cols]
+    shape: tuple[int, ...]  # output shape, numpy order [rows, cols] ([n_expert, rows, cols] when stacked)
     decision: TypeDecision
-    source: TensorRef | None  # None for generated tensors
+    source: RowSource
     kind: gguf.MODEL_TENSOR | None = None
-    make: Callable[[], torch.Tensor] | None = None  # generated tensors
     importance: np.ndarray | None = None  # imatrix weights [cols] for the weighted encoder, if used
     imatrix_note: str = ""  # --dry-run: "used", "no entry", "ignored by Q8_0", ...
 
@@ -66,14 +67,15 @@ class PlannedTensor:
 @dataclass
 class ConversionPlan:
     checkpoint: Checkpoint
-    spec: A.ArchSpec
-    ctx: A.ArchContext
+    spec: ArchSpec
+    ctx: ArchContext
     vocab: Vocab
     qtype: str
     file_type: gguf.LlamaFileType
     tensors: list[PlannedTensor] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     imatrix_path: Path | None = None  # the importance matrix the plan uses (None: none)
+    hparams: dict = field(default_factory=dict)  # the architecture's metadata keys, recorded at plan time
 
     @property
     def n_params(self) -> int:
@@ -91,34 +93,44 @@ class ConversionPlan:
 # --------------------------------------------------------------------------- planning
 
 
-def _kind_of(name: str, n_layers: int) -> tuple[gguf.MODEL_TENSOR | None, int | None]:
-    base = name.rsplit(".", 1)[0]
-    parts = base.split(".")
-    bid = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdecimal() else None
-    for kind, tmpl in gguf.TENSOR_NAMES.items():
-        if (tmpl.format(bid=bid) if "{bid}" in tmpl else tmpl) == base:
-            return kind, bid
-    return None, bid
+def _record_hparams(spec: ArchSpec, ctx: ArchContext) -> dict:
+    """Run the spec's metadata writer on an in-memory ``GGUFWriter``; its keys, in order."""
+    rec = gguf.GGUFWriter(path=None, arch=spec.gguf_arch_name)
+    before = set(rec.kv_data[0])
+    spec.hparams(rec, ctx)
+    return {k: v for k, v in rec.kv_data[0].items() if k not in before}
 
 
-def _expected_shape(kind: gguf.MODEL_TENSOR | None, c: A.ArchContext, rows_vocab: int) -> tuple[int, ...] | None:
-    h, hd = int(c.cfg["hidden_size"]), c.head_dim
-    ff = int(c.cfg["intermediate_size"])
-    M = gguf.MODEL_TENSOR
-    table = {
-        M.TOKEN_EMBD: (rows_vocab, h), M.OUTPUT: (rows_vocab, h), M.OUTPUT_NORM: (h,),
-        M.ATTN_NORM: (h,), M.FFN_NORM: (h,), M.ATTN_POST_NORM: (h,), M.FFN_POST_NORM: (h,),
-        M.ATTN_Q: (c.n_head * hd, h), M.ATTN_K: (c.n_head_kv * hd, h), M.ATTN_V: (c.n_head_kv * hd, h),
-        M.ATTN_OUT: (h, c.n_head * hd), M.FFN_GATE: (ff, h), M.FFN_UP: (ff, h), M.FFN_DOWN: (h, ff),
-        M.ATTN_Q_NORM: (hd,), M.ATTN_K_NORM: (hd,),
-    }
-    return table.get(kind)
+def _first_ref(src: RowSource) -> TensorRef | None:
+    refs = src.refs
+    return refs[0] if refs else None
 
 
-def _expected_bias(kind, c: A.ArchContext):
-    M = gguf.MODEL_TENSOR
-    return {M.ATTN_Q: (c.n_head * c.head_dim,), M.ATTN_K: (c.n_head_kv * c.head_dim,),
-            M.ATTN_V: (c.n_head_kv * c.head_dim,)}.get(kind)
+def _check_shape(spec: ArchSpec, ctx: ArchContext, out: Out, kind, bid, shape: tuple[int, ...]) -> None:
+    part = "bias" if out.name.endswith(".bias") else "weight"
+    want = spec.shapes(ctx, bid).get((kind, part))
+    if want is not None and tuple(shape) != tuple(want):
+        ref = _first_ref(out.source)
+        what = (f"{ref.file}: tensor {ref.name!r} has shape {list(ref.shape)}" if ref is not None and len(out.source.refs) == 1
+                else f"tensor {out.name} ({out.source.describe()}) has shape {list(shape)}")
+        raise ConversionError(f"{what} but config.json implies {list(want)}; the weights do not match the config")
+
+
+def _check_layers(spec: ArchSpec, ctx: ArchContext, seen: dict[int, set[str]], where: Path) -> None:
+    """Every layer has the tensors the spec expects of it (by default: the same as layer 0)."""
+    first = seen.get(0, set())
+    for b in range(ctx.n_layers):
+        want = spec.layer_stems(ctx, b)
+        want = first if want is None else want
+        have = seen.get(b, set())
+        if have != want or not want:
+            missing = sorted(want - have) or ["all tensors"]
+            extra = sorted(have - want)
+            if not (want - have) and extra:
+                raise ConversionError(f"{where}: layer {b} has unexpected tensors {', '.join(extra)} for "
+                                      f"architecture {spec.name}; the checkpoint does not match its config.json")
+            raise ConversionError(f"{where}: layer {b} is missing {', '.join(missing)}; the checkpoint is "
+                                  f"incomplete (a missing shard?)")
 
 
 def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy = default_policy,
@@ -133,7 +145,8 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
             ``llama-quantize --imatrix`` uses it (see :func:`assign_imatrix`).
     Raises:
         ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes,
-            an unreadable imatrix or one computed for another model).
+            a config the architecture's metadata cannot express, an unreadable imatrix or one
+            computed for another model).
     """
     qtype = qtype.upper()
     mixes = recipe_names()
@@ -145,8 +158,11 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         raise ConversionError(f"unknown --qtype {qtype!r}; choose one of {', '.join([*FILE_TYPES, *mixes])}")
     im = _read_imatrix(imatrix) if imatrix is not None else None
     ck = open_checkpoint(src, offline=offline)
-    spec = A.find_arch(ck.config, str(ck.path / "config.json"))
-    cfg = A.text_config(ck.config)
+    spec = find_arch(ck.config, str(ck.path / "config.json"))
+    cfg = text_config(ck.config)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if not isinstance(cfg.get(key), int):
+            raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
     # with an imatrix the legacy types follow the recipe engine too (its imatrix-only ffn_down rule)
     by_recipe = qtype in mixes or (im is not None and base_type not in (T.F32, T.F16, T.BF16))
     if by_recipe and policy is default_policy:
@@ -155,85 +171,65 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
                               int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1),
                               int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
                               has_imatrix=im is not None)
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
-        if not isinstance(cfg.get(key), int):
-            raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
     n_layers = int(cfg["num_hidden_layers"])
     vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0), spm_add_space_prefix=spec.spm_add_space_prefix)
-    ctx = A.ArchContext(cfg, len(vocab))
-    name_map = gguf.get_tensor_name_map(spec.gguf_arch, n_layers)
+    ctx = ArchContext(cfg, len(vocab))
+    spec.check(ctx)
     tie = bool(cfg.get("tie_word_embeddings", ck.config.get("tie_word_embeddings", False)))
-    refs = sorted(ck.tensors.values(), key=lambda r: (str(r.file), r.start))
-    has_output = any(A.gguf_name(spec, name_map, r.name) == "output.weight" for r in refs) and not tie
-    plan = ConversionPlan(ck, spec, ctx, vocab, qtype, file_type)
-    trims = A.trim_vocab in spec.fixups
-
-    def add(gname: str, shape: tuple[int, ...], ref: TensorRef | None, make=None) -> None:
-        kind, _ = _kind_of(gname, n_layers)
-        plan.tensors.append(PlannedTensor(gname, shape, TypeDecision(base_type), ref, kind, make))
-
-    for fn in spec.extra_tensors:
-        for kind, tensor in fn(ctx):
-            add(gguf.TENSOR_NAMES[kind] + ".weight", tuple(tensor.shape), None, make=(lambda t=tensor: t))
-
+    tset = spec.tensors(ck, ctx)
+    has_output = any(o.name == "output.weight" for o in tset.outs) and not tie
+    plan = ConversionPlan(ck, spec, ctx, vocab, qtype, file_type, skipped=list(tset.skipped))
     seen_blocks: dict[int, set[str]] = {}
-    for ref in refs:
-        gname = A.gguf_name(spec, name_map, ref.name)
-        if gname is None:
-            if ref.name.endswith(A.SKIP_SUFFIXES) or ref.name.startswith(A.MULTIMODAL_PREFIXES):
-                plan.skipped.append(ref.name)
-                continue
-            raise ConversionError(f"{ref.file}: tensor {ref.name!r} has no GGUF name for architecture "
-                                  f"{spec.name}; the checkpoint does not match its config.json")
-        if gname == "output.weight" and not has_output:
-            plan.skipped.append(ref.name)  # tied to token_embd
+    for out in tset.outs:
+        if out.name == "output.weight" and not has_output:
+            plan.skipped.extend(r.name for r in out.source.refs)  # tied to token_embd
             continue
-        if ref.dtype not in ST_DTYPES:
-            raise ConversionError(
-                f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}; only F32, F16 and BF16 weights can be "
-                f"converted (re-save the checkpoint in bfloat16/float16/float32)")
-        kind, bid = _kind_of(gname, n_layers)
-        shape = ref.shape
-        is_bias = gname.endswith(".bias")
-        want = _expected_bias(kind, ctx) if is_bias else _expected_shape(kind, ctx, shape[0] if kind in (
-            gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT) else 0)
-        if kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT) and not is_bias:
-            if shape[0] < len(vocab):
-                raise ConversionError(f"{ref.file}: {ref.name} has {shape[0]} rows but the tokenizer has "
+        for ref in out.source.refs:
+            if ref.dtype not in ST_DTYPES:
+                raise ConversionError(
+                    f"{ref.file}: tensor {ref.name!r} has dtype {ref.dtype}; only F32, F16 and BF16 weights can be "
+                    f"converted (re-save the checkpoint in bfloat16/float16/float32)")
+        kind, bid = kind_of(out.name)
+        source = out.source
+        if kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT) and not out.name.endswith(".bias"):
+            rows, ref = source.shape[0], _first_ref(source)
+            where = f"{ref.file}: {ref.name}" if ref is not None else out.name
+            if rows < len(vocab):
+                raise ConversionError(f"{where} has {rows} rows but the tokenizer has "
                                       f"{len(vocab)} tokens; the tokenizer does not belong to this model")
-            if shape[0] > len(vocab):
-                if not trims:
-                    vocab.pad_to(shape[0])
-                    ctx.n_vocab = len(vocab)
+            if rows > len(vocab):
+                if spec.trims_vocab:
+                    log.info("%s: keeping the first %d of %d rows (tokenizer size)", out.name, len(vocab), rows)
+                    source = Rows(source, 0, len(vocab))
                 else:
-                    shape = (len(vocab),) + tuple(shape[1:])
-            want = (shape[0], int(cfg["hidden_size"]))
-        if want is not None and tuple(shape) != tuple(want):
-            raise ConversionError(f"{ref.file}: tensor {ref.name!r} has shape {list(ref.shape)} but config.json "
-                                  f"implies {list(want)}; the weights do not match the config")
+                    vocab.pad_to(rows)
+                    ctx.n_vocab = len(vocab)
+            if tuple(source.shape) != (source.shape[0], ctx.hidden):
+                raise ConversionError(f"{where} has shape {list(source.shape)} but config.json implies "
+                                      f"{[source.shape[0], ctx.hidden]}; the weights do not match the config")
+        else:
+            _check_shape(spec, ctx, out, kind, bid, tuple(source.shape))
         if bid is not None:
             if bid >= n_layers:
-                raise ConversionError(f"{ref.file}: tensor {ref.name!r} is in layer {bid} but config.json has "
-                                      f"{n_layers} layers")
-            seen_blocks.setdefault(bid, set()).add(gname.split(".", 2)[2])
-        add(gname, tuple(shape), ref)
+                ref = _first_ref(source)
+                raise ConversionError(f"{ref.file if ref else ck.path}: tensor {ref.name if ref else out.name!r} is in "
+                                      f"layer {bid} but config.json has {n_layers} layers")
+            seen_blocks.setdefault(bid, set()).add(out.name.split(".", 2)[2])
+        plan.tensors.append(PlannedTensor(out.name, tuple(source.shape), TypeDecision(base_type), source, kind))
 
-    first = seen_blocks.get(0, set())
-    for b in range(n_layers):
-        if seen_blocks.get(b, set()) != first or not first:
-            missing = sorted(first - seen_blocks.get(b, set())) or ["all tensors"]
-            raise ConversionError(f"{ck.path}: layer {b} is missing {', '.join(missing)}; the checkpoint is "
-                                  f"incomplete (a missing shard?)")
+    _check_layers(spec, ctx, seen_blocks, ck.path)
+    plan.hparams = _record_hparams(spec, ctx)  # after vocab padding: hparams may read n_vocab
+
     # A canonical order (embeddings, layers in order, output), independent of how the checkpoint is sharded.
     def order(t: PlannedTensor):
-        bid = _kind_of(t.gguf_name, n_layers)[1]
+        bid = kind_of(t.gguf_name)[1]
         head = t.kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.ROPE_FREQS)
         return (-1 if head else bid if bid is not None else n_layers, t.gguf_name)
 
     plan.tensors.sort(key=order)
     if not any(t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD for t in plan.tensors):
         raise ConversionError(f"{ck.path}: no token embedding tensor found; the checkpoint is incomplete")
-    inputs = [TensorPlanInput(t.gguf_name, t.shape, t.kind, _kind_of(t.gguf_name, n_layers)[1], n_layers,
+    inputs = [TensorPlanInput(t.gguf_name, t.shape, t.kind, kind_of(t.gguf_name)[1], n_layers,
                               base_type, tied_output=not has_output) for t in plan.tensors]
     # A policy sees one tensor at a time, unless it offers decide_all (whole-model rules such as
     # llama.cpp's attn_v counting in the K-quant recipes): then it sees them all, in this order.
@@ -342,8 +338,8 @@ def _build_writer(plan: ConversionPlan) -> gguf.GGUFWriter:
     w = gguf.GGUFWriter(path=None, arch=plan.spec.gguf_arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     _metadata(plan).set_gguf_meta_model(w)
-    for hp in plan.spec.hparams:
-        hp(w, plan.ctx)
+    for key, value in plan.hparams.items():  # recorded at plan time by the spec
+        w.kv_data[0][key] = value
     w.add_file_type(plan.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     plan.vocab.add_to_gguf(w)
@@ -353,25 +349,6 @@ def _build_writer(plan: ConversionPlan) -> gguf.GGUFWriter:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def load_tensor(plan: ConversionPlan, t: PlannedTensor) -> torch.Tensor:
-    """The float32 data of one planned tensor with the architecture's fix-ups applied."""
-    x = t.make() if t.make is not None else t.source.load_f32()
-    hf_name = t.source.name if t.source is not None else t.gguf_name
-    for fix in plan.spec.fixups:
-        x = fix(hf_name, t.gguf_name, x, plan.ctx)
-    if tuple(x.shape) != tuple(t.shape):
-        raise ConversionError(f"{t.gguf_name}: produced shape {list(x.shape)} but {list(t.shape)} was planned")
-    return x
-
-
-def needs_fixup(plan: ConversionPlan, t: PlannedTensor) -> bool:
-    """True if an architecture fix-up changes this tensor (probed on a shape-only 'meta' tensor)."""
-    if t.source is None:
-        return True
-    meta = torch.empty(t.source.shape, device="meta")
-    return any(fix(t.source.name, t.gguf_name, meta, plan.ctx) is not meta for fix in plan.spec.fixups)
 
 
 class StreamedTensor:
@@ -395,35 +372,34 @@ class StreamedTensor:
             raise ConversionError(f"internal error: wrote {written} of {self.nbytes} bytes for a tensor")
 
 
+def encode_chunks(src: RowSource, ggml_type: T, n_threads: int | None = None,
+                  importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The encoded bytes of a row source, chunk by chunk in order (``uint8 [rows, row_bytes]`` each).
+
+    Rows are read, fixed up and encoded a chunk at a time by the worker threads
+    (:func:`~edgeinfer.quant.quantizers.encode_row_chunks`), whatever the source's shape: a 3-D
+    stack of experts is ``n_expert * rows`` rows.
+    """
+    with src.open() as read:
+        for _, enc in encode_row_chunks(read, src.rows, src.cols, ggml_type, n_threads, importance):
+            yield enc
+
+
 def encode_tensor(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None = None) -> np.ndarray:
     """Bytes of one tensor in its planned type (``uint8``, ``t.nbytes`` long), all in memory."""
-    x = load_tensor(plan, t)
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # [rows, cols]
-    if t.decision.encoder is not None:
-        out = np.asarray(t.decision.encoder(x2.contiguous()), dtype=np.uint8)
-    else:
-        out = quantize(x2, t.ggml_type, n_threads=n_threads, imatrix=t.importance)
-    del x, x2
-    return out.reshape(-1)
+    if t.decision.encoder is not None:  # a recipe's own encoder takes the whole matrix
+        x = t.source.read_all()
+        x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # [rows, cols]
+        return np.asarray(t.decision.encoder(x2.contiguous()), dtype=np.uint8).reshape(-1)
+    return np.concatenate([c.reshape(-1) for c in encode_chunks(t.source, t.ggml_type, n_threads, t.importance)])
 
 
 def tensor_data(plan: ConversionPlan, t: PlannedTensor, n_threads: int | None = None,
                 on_chunk: Callable[[int], None] | None = None):
-    """What to hand the writer for one tensor: a :class:`StreamedTensor` when the tensor can be streamed.
-
-    Tensors no fix-up touches are streamed: row chunks are read from the file, converted and
-    encoded by the worker threads and written in order, so only a few chunks are in memory.
-    Fixed-up tensors (q/k permutation, norm offsets, trimming) and 1-D tensors are encoded whole.
-    """
-    if t.decision.encoder is None and len(t.shape) == 2 and not needs_fixup(plan, t):
-        rows, cols = t.shape
-
-        def chunks() -> Iterator[np.ndarray]:
-            with t.source.open_rows() as reader:
-                for _, enc in encode_row_chunks(reader.rows, rows, cols, t.ggml_type, n_threads, t.importance):
-                    yield enc
-
-        return StreamedTensor(chunks(), t.nbytes, on_chunk)
+    """What to hand the writer for one tensor: a :class:`StreamedTensor` (the encoded rows, chunk
+    by chunk), or the whole array when the tensor's recipe brings its own encoder."""
+    if t.decision.encoder is None:
+        return StreamedTensor(encode_chunks(t.source, t.ggml_type, n_threads, t.importance), t.nbytes, on_chunk)
     data = encode_tensor(plan, t, n_threads)
     if on_chunk is not None:
         on_chunk(data.nbytes)
