@@ -25,24 +25,21 @@ def _wanted(name: str, process_output: bool) -> bool:
 
 
 def _targets(model: torch.nn.Module, process_output: bool) -> list[tuple[torch.nn.Module, list[str]]]:
-    """(module whose input to record, GGUF weight names that read that input)."""
+    """(module whose input to record, GGUF weight names that read that input).
+
+    A fused projection (:class:`FusedLinear`, e.g. q/k/v) records one input for all its parts.
+    Expert projections (``ffn_*_exps``, one :class:`QuantLinear` per expert) are not collected.
+    """
     out: list[tuple[torch.nn.Module, list[str]]] = []
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.path != "fused":
-            names = [m.name]
-        elif isinstance(m, FusedLinear):
-            continue  # handled through the parent that owns the parts
+        if isinstance(m, FusedLinear):
+            names = [n for n in m.names if _wanted(n, process_output)]
+        elif isinstance(m, QuantLinear) and m.path != "fused" and "[" not in m.name:
+            names = [m.name] if _wanted(m.name, process_output) else []
         else:
-            names = None
-        if names:
-            if _wanted(names[0], process_output):
-                out.append((m, names))
             continue
-        for attr, parts in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gate_up", ("ffn_gate", "ffn_up"))):
-            fused = getattr(m, attr, None)
-            if isinstance(fused, FusedLinear):
-                names = [getattr(m, p).name for p in parts]
-                out.append((fused, [n for n in names if _wanted(n, process_output)]))
+        if names:
+            out.append((m, names))
     return out
 
 

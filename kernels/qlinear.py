@@ -135,6 +135,7 @@ class FusedLinear(nn.Module):
     def __init__(self, parts: list[QuantLinear]):
         super().__init__()
         self.sizes = [p.out_features for p in parts]
+        self.names = [p.name for p in parts]  # GGUF names of the parts, in output order
         self.in_features, self.out_features = parts[0].in_features, sum(self.sizes)
         self.qtype = parts[0].qtype
         self.packed = cpu_packed.PackedCPU.concat([p.packed for p in parts])
@@ -165,19 +166,58 @@ def fuse(parts: list) -> FusedLinear | None:
 
 
 class QuantEmbedding(nn.Module):
-    """Token embedding looked up from GGML blocks: only the requested rows are dequantized.
+    """Token (or per-layer) embedding looked up from GGML blocks: only the requested rows are read
+    and dequantized.
 
     Args:
-        raw: uint8 [V, row_bytes] (memory-mapped; stays on CPU unless the device needs it).
+        raw: uint8 [V, row_bytes] (memory-mapped).
         qtype: GGML type; dim: embedding width.
+        device: where the looked-up rows are used.
+        host: keep the table in host memory (the memory map): rows are gathered and dequantized on
+            the CPU and only those rows reach ``device`` -- llama.cpp's input layer does the same.
+            ``False`` copies the whole table to ``device`` first.
     """
 
-    def __init__(self, raw: torch.Tensor, qtype: T, dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, raw: torch.Tensor, qtype: T, dim: int, device: torch.device | str = "cpu", host: bool = True):
         super().__init__()
         self.qtype, self.dim, self.device = T(qtype), dim, torch.device(device)
-        self.raw = raw if self.device.type == "cpu" else raw.to(self.device)
+        self.host = host or self.device.type == "cpu"
+        self.raw = raw if self.host else raw.to(self.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.raw.shape[0]} x {self.dim}, {self.qtype.name}, {'host rows' if self.host else 'on device'}"
+
+    def nbytes(self) -> int:
+        """Bytes of the table held on the device (0 when it stays in the host memory map)."""
+        return 0 if self.host else self.raw.numel()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [B, S] int64 -> [B, S, D] float32."""
-        rows = self.raw[ids.to(self.raw.device).reshape(-1)]
+        """ids: [B, S] int64 -> [B, S, D] float32 on ``device``."""
+        rows = self.raw[ids.to(self.raw.device).reshape(-1)]  # only these rows are read from the map
         return dequantize(rows, self.qtype).reshape(*ids.shape, self.dim).to(self.device)
+
+
+class QuantExpertLinear(nn.Module):
+    """One projection of every expert of a MoE layer (GGUF ``ffn_*_exps``), kept in its GGML blocks.
+
+    ``raw`` is the 3-D tensor's bytes ``uint8 [E, N, row_bytes]`` (a view of the memory map);
+    expert ``e`` is a :class:`QuantLinear` over the view ``raw[e]``, so each expert takes the same
+    kernel path as a dense layer of its type. Replaces :class:`edgeinfer.models.moe.ExpertLinear`.
+    """
+
+    def __init__(self, raw: torch.Tensor, qtype: T, n_expert: int, n: int, k: int,
+                 device: torch.device | str = "cpu", name: str = "", numerics: str = "fast"):
+        super().__init__()
+        self.qtype, self.n_expert, self.in_features, self.out_features, self.name = T(qtype), n_expert, k, n, name
+        self.experts = nn.ModuleList(QuantLinear(raw[e], qtype, n, k, None, device, f"{name}[{e}]", numerics)
+                                     for e in range(n_expert))
+        self.path = self.experts[0].path
+
+    def extra_repr(self) -> str:
+        return f"{self.n_expert} x {self.in_features}->{self.out_features}, {self.qtype.name}, path={self.path}"
+
+    def expert(self, e: int) -> QuantLinear:
+        return self.experts[e]
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes() for q in self.experts)

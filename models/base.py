@@ -1,10 +1,19 @@
-"""Shared building blocks of the decoder-only transformers: norms, RoPE, KV cache, attention, MLP.
+"""Shared building blocks of the decoder-only transformers: norms, RoPE, attention, MLP, the block,
+the model. Architecture files (``models/<arch>.py``) compose these; they know nothing of
+quantization (see ``models/README.md`` for how to add one).
 
-Module attribute names are the GGUF tensor names (``attn_q``, ``ffn_down``, ``output_norm``...,
-from ``gguf.TENSOR_NAMES``), so the whole GGUF <-> module mapping is :func:`module_path`:
-``blk.{i}.<stem>`` lives at ``layers.{i}.<attn|ffn|->.<stem>``. The models know nothing of
-quantization: they are built with ``nn.Linear`` on the ``meta`` device and the loader swaps in
-quantized layers according to the file (:mod:`edgeinfer.models.loader`).
+Naming: module attribute names are the GGUF tensor stems (``attn_q``, ``ffn_down``,
+``output_norm`` ..., ``gguf.TENSOR_NAMES``) and a parameter's name is the tensor's suffix
+(``weight``, ``bias``, ``scale``). So the GGUF name of any module is its path with ``layers.N.``
+turned into ``blk.N.`` and the containers in between dropped (:func:`gguf_name`); the few
+exceptions are per-architecture data (``Transformer.RENAMES``). The models are built on the
+``meta`` device; the loader (``edgeinfer/engine/loader.py``) swaps quantized modules in by module
+type and assigns the float tensors.
+
+Per-layer shapes: every sub-module takes its sizes explicitly, so an architecture may give each
+layer its own head dim, KV heads, window, RoPE or FFN width (``ModelArgs.at``). A forward step
+passes a :class:`Step` to every layer (positions, optional per-layer inputs); each attention owns
+its cache (:meth:`Attention.setup_cache`), which may be another layer's (KV sharing).
 
 References: llama.cpp ``src/models/llama.cpp``, ``gemma3.cpp``, ``ggml_rope_ext`` (ggml-cpu ops.cpp).
 """
@@ -14,18 +23,39 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Per-layer tensors that live in the attention / MLP sub-module (everything else sits on the block).
+from edgeinfer.models.cache import KVCache
+
+__all__ = ["ModelArgs", "RopeConfig", "AttnConfig", "Step", "RMSNorm", "Scale", "Rope", "Attention", "MLP",
+           "Block", "Transformer", "gguf_name", "module_path", "activation", "KVCache"]
+
+#: Per-layer tensors of the default layout that live in the attention / MLP sub-module
+#: (:func:`module_path`, the inverse of :func:`gguf_name` for the dense architectures).
 _SUBMODULE = {s: "attn" for s in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm")}
 _SUBMODULE.update({s: "ffn" for s in ("ffn_gate", "ffn_up", "ffn_down")})
 
 
+def gguf_name(module: str, renames: Mapping[str, str] | None = None) -> str:
+    """Module path -> GGUF tensor name without its suffix.
+
+    Inside a layer the containers are dropped: ``layers.3.attn.attn_q`` -> ``blk.3.attn_q``,
+    ``layers.3.ffn.experts.ffn_up_exps`` -> ``blk.3.ffn_up_exps``. ``renames`` maps a path inside
+    a layer (``ffn.router.proj``) or a top-level path to its GGUF stem (``ffn_gate_inp``).
+    """
+    m = re.match(r"^layers\.(\d+)\.(.+)$", module)
+    prefix, rest = (f"blk.{m.group(1)}.", m.group(2)) if m else ("", module)
+    if renames and rest in renames:
+        return prefix + renames[rest]
+    return prefix + rest.rsplit(".", 1)[-1]
+
+
 def module_path(gguf_name: str) -> str:
-    """GGUF tensor name -> parameter path in the model (``blk.3.attn_q.weight`` -> ``layers.3.attn.attn_q.weight``)."""
+    """GGUF tensor name -> parameter path in the dense layout (``blk.3.attn_q.weight`` -> ``layers.3.attn.attn_q.weight``)."""
     m = re.match(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$", gguf_name)
     if not m:
         return gguf_name
@@ -34,22 +64,30 @@ def module_path(gguf_name: str) -> str:
     return f"layers.{i}.{sub + '.' if sub else ''}{stem}.{kind}"
 
 
-def gguf_name(module: str) -> str:
-    """Module path -> GGUF tensor name, the inverse of :func:`module_path` (``layers.3.attn.attn_q`` -> ``blk.3.attn_q``)."""
-    return re.sub(r"^layers\.(\d+)\.(?:attn\.|ffn\.)?", r"blk.\1.", module)
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``silu`` or ``gelu_tanh`` (GeGLU; llama.cpp's ``ggml_gelu``)."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda t: F.gelu(t, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}")
 
 
 @dataclass
 class ModelArgs:
-    """Everything a decoder needs, read from GGUF metadata by the architecture file."""
+    """Everything a decoder needs, read from GGUF metadata by the architecture file.
+
+    A field may hold one value for every layer or a per-layer tuple (:meth:`at`).
+    Architectures with more settings subclass it.
+    """
 
     arch: str
     n_layer: int
     dim: int
     n_head: int
-    n_kv_head: int
-    head_dim: int
-    ffn_dim: int
+    n_kv_head: int | tuple
+    head_dim: int | tuple
+    ffn_dim: int | tuple
     vocab_size: int
     norm_eps: float = 1e-5
     rope_dim: int = 0  # 0 = head_dim
@@ -62,7 +100,6 @@ class ModelArgs:
     swa_layers: tuple = ()  # per layer: True if it is a sliding-window layer
     qkv_bias: bool = False
     qk_norm: bool = False
-    post_norms: bool = False  # gemma: post_attention_norm / post_ffw_norm after each sub-block
     act: str = "silu"  # "silu" or "gelu_tanh"
     embed_scale: float = 1.0
     attn_scale: float = 0.0  # 0 = 1/sqrt(head_dim)
@@ -70,37 +107,110 @@ class ModelArgs:
     ctx_train: int = 4096
     extra: dict = field(default_factory=dict)
 
+    def at(self, name: str, i: int):
+        """Field ``name`` for layer ``i`` (a per-layer tuple is indexed, a single value returned)."""
+        v = getattr(self, name)
+        return v[i] if isinstance(v, (tuple, list)) else v
+
     def is_swa(self, i: int) -> bool:
         return bool(self.swa_layers and self.swa_layers[i] and self.sliding_window > 0)
+
+    def attn_config(self, i: int) -> "AttnConfig":
+        """Layer ``i``'s attention from the common fields (windows and RoPE per layer type)."""
+        swa = self.is_swa(i)
+        hd = self.at("head_dim", i)
+        rope = RopeConfig(self.rope_dim or hd, self.rope_base_swa if swa else self.rope_base,
+                          self.rope_freq_scale_swa if swa else self.rope_freq_scale, self.rope_style,
+                          factors="rope_freqs")
+        return AttnConfig(self.dim, self.n_head, self.at("n_kv_head", i), hd, norm_eps=self.norm_eps,
+                          qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, window=self.sliding_window if swa else 0,
+                          scale=self.attn_scale, rope=rope)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One RoPE setting: ``theta_i(p) = p * scale * base^(-2i/n_rot) / factor_i``.
+
+    ``factors`` names a model attribute holding per-frequency divisors (llama3's or Gemma 4's
+    ``rope_freqs`` tensor), used when the file has it; ``style``: ``norm`` (pairs) or ``neox`` (halves).
+    """
+
+    n_rot: int
+    base: float = 10000.0
+    scale: float = 1.0
+    style: str = "norm"
+    factors: str | None = None
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """One layer's attention.
+
+    Attributes:
+        kv_from: reuse layer ``kv_from``'s keys and values (KV sharing: no k/v projections here).
+        k_eq_v: no ``attn_v``: values are the v-normed raw key projection (Gemma 4 global layers).
+        v_norm: RMSNorm without weight on the values (Gemma 4).
+        scale: query scale (0 = 1/sqrt(head_dim)).
+    """
+
+    dim: int
+    n_head: int
+    n_kv: int
+    head_dim: int
+    rope: RopeConfig
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    v_norm: bool = False
+    k_eq_v: bool = False
+    window: int = 0
+    scale: float = 0.0
+    kv_from: int | None = None
+
+
+@dataclass
+class Step:
+    """What every layer sees of one forward call: the first position and optional per-layer inputs."""
+
+    pos0: int
+    layer_inputs: torch.Tensor | None = None  # [B, S, n_layer, P] (per-layer embeddings), if the model has them
 
 
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * weight`` (llama.cpp ``ggml_rms_norm`` then ``ggml_mul``).
 
     GGUF files already hold gemma's ``1 + w`` (the converter adds 1), so no offset here.
+    ``with_scale=False``: no weight (Gemma 4's value and router norms).
     """
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.dim = eps, dim
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)  # one fused op
+        return F.rms_norm(x.float(), (self.dim,), self.weight, self.eps)  # one fused op
+
+
+class Scale(nn.Module):
+    """A learned elementwise scale stored as a GGUF tensor (``blk.N.layer_output_scale.weight``)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
 
 
 class Rope:
-    """Rotary position embedding tables for one (base, scale, freq factors) setting.
-
-    ``theta_i(p) = p * scale * base^(-2i/n_rot) / factor_i`` (factors: llama3's ``rope_freqs``
-    tensor). ``style="norm"`` rotates pairs (2i, 2i+1); ``"neox"`` rotates (i, i + n_rot/2).
-    """
+    """Rotary position embedding tables for one :class:`RopeConfig` (and optional freq factors)."""
 
     def __init__(self, n_rot: int, base: float, scale: float, factors: torch.Tensor | None, style: str,
                  max_pos: int, device):
         inv = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)  # [n_rot/2]
         if factors is not None:
-            inv = inv / factors.to(torch.float64).cpu()
+            inv = inv / factors.to(torch.float64).cpu()[: n_rot // 2]
         ang = torch.outer(torch.arange(max_pos, dtype=torch.float64) * scale, inv)  # [P, n_rot/2]
         self.cos = ang.cos().float()[:, None, :].to(device)  # [P, 1, n_rot/2]
         self.sin = ang.sin().float()[:, None, :].to(device)
@@ -122,173 +232,221 @@ class Rope:
         return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
 
 
-class KVCache:
-    """Static, preallocated keys/values of one layer: [1, H_kv, L, D].
-
-    A sliding-window layer whose window is shorter than the context keeps only its window
-    as a ring buffer (position p lives in slot ``p % window``).
-    """
-
-    def __init__(self, n_kv_head: int, head_dim: int, n_ctx: int, window: int, device, dtype):
-        self.window = window
-        self.ring = 0 < window < n_ctx
-        self.size = window if self.ring else n_ctx
-        self.k = torch.zeros(1, n_kv_head, self.size, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
-        """Store k, v [1, H_kv, S, D] for positions pos0..pos0+S-1.
-
-        Returns:
-            (keys, values, mask): what the S queries attend to; ``mask`` is a bool [S, L]
-            (True = visible) or None when every returned key is visible to every query.
-        """
-        s, dev = k.shape[2], k.device
-        end = pos0 + s
-        if not self.ring and end > self.size:
-            raise IndexError(f"KV cache holds {self.size} positions, asked for {end}")
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        if not self.ring:
-            self.k[:, :, pos0:end] = k
-            self.v[:, :, pos0:end] = v
-            keys, vals = self.k[:, :, :end], self.v[:, :, :end]
-            if s == 1 and (self.window == 0 or end <= self.window):
-                return keys, vals, None  # decode: every cached key is visible
-            kpos = torch.arange(end, device=dev)
-        elif s == 1:  # decode: after writing, the ring holds exactly the visible window
-            self.k[:, :, pos0 % self.size] = k[:, :, 0]
-            self.v[:, :, pos0 % self.size] = v[:, :, 0]
-            n = min(end, self.size)
-            return self.k[:, :, :n], self.v[:, :, :n], None
-        else:
-            w = self.size
-            old = torch.arange(max(0, pos0 - w), pos0, device=dev)
-            keys = torch.cat([self.k[:, :, old % w], k], dim=2)
-            vals = torch.cat([self.v[:, :, old % w], v], dim=2)
-            kpos = torch.cat([old, torch.arange(pos0, end, device=dev)])
-            n = min(s, w)
-            slots = torch.arange(end - n, end, device=dev) % w
-            self.k[:, :, slots] = k[:, :, s - n:]
-            self.v[:, :, slots] = v[:, :, s - n:]
-        qpos = torch.arange(pos0, end, device=dev)[:, None]
-        mask = kpos[None, :] <= qpos
-        if self.window:
-            mask &= (qpos - kpos[None, :]) < self.window
-        return keys, vals, mask
+def attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v with grouped KV heads. q: [B, H, S, D], keys/vals: [B, Hkv, L, D] -> [B, H, S, Dv]."""
+    b, h, s, d = q.shape
+    n_kv = keys.shape[1]
+    q = q.to(keys.dtype)
+    if s == 1 and mask is None:  # decode: two small matmuls beat SDPA's per-call cost on CPU
+        g = h // n_kv  # query head h reads kv head h // g
+        att = torch.matmul(q.view(b, n_kv, g, d), keys.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+        o = torch.matmul(torch.softmax(att.float(), dim=-1).to(vals.dtype), vals)  # [B, Hkv, G, Dv]
+        return o.view(b, h, 1, vals.shape[-1])
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale,
+                                          enable_gqa=h != n_kv)  # [B, H, S, Dv]
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k bias, per-head q/k RMSNorm and a sliding window."""
+    """Grouped-query attention of one layer (:class:`AttnConfig`): optional q/k/v bias, per-head q/k
+    RMSNorm, value norm, keys-as-values, a sliding window, KV shared with an earlier layer."""
 
-    def __init__(self, a: ModelArgs, layer: int):
+    #: q/k/v computed by one matmul when the kernels allow (set up by the loader: ``self.qkv``).
+    FUSE = {"qkv": ("attn_q", "attn_k", "attn_v")}
+
+    def __init__(self, c: AttnConfig):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = a.n_head, a.n_kv_head, a.head_dim
-        self.attn_q = nn.Linear(a.dim, a.n_head * a.head_dim, bias=a.qkv_bias)
-        self.attn_k = nn.Linear(a.dim, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
-        self.attn_v = nn.Linear(a.dim, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
-        self.attn_output = nn.Linear(a.n_head * a.head_dim, a.dim, bias=False)
-        if a.qk_norm:
-            self.attn_q_norm = RMSNorm(a.head_dim, a.norm_eps)
-            self.attn_k_norm = RMSNorm(a.head_dim, a.norm_eps)
-        self.qk_norm = a.qk_norm
-        self.scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
-        self.window = a.sliding_window if a.is_swa(layer) else 0
+        self.c = c
+        self.n_head, self.n_kv, self.hd = c.n_head, c.n_kv, c.head_dim
+        self.attn_q = nn.Linear(c.dim, c.n_head * c.head_dim, bias=c.qkv_bias)
+        if c.kv_from is None:
+            self.attn_k = nn.Linear(c.dim, c.n_kv * c.head_dim, bias=c.qkv_bias)
+            if not c.k_eq_v:
+                self.attn_v = nn.Linear(c.dim, c.n_kv * c.head_dim, bias=c.qkv_bias)
+        self.attn_output = nn.Linear(c.n_head * c.head_dim, c.dim, bias=False)
+        if c.qk_norm:
+            self.attn_q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            if c.kv_from is None:
+                self.attn_k_norm = RMSNorm(c.head_dim, c.norm_eps)
+        self.v_norm = RMSNorm(c.head_dim, c.norm_eps, with_scale=False) if c.v_norm else None
+        self.scale = c.scale or 1.0 / math.sqrt(c.head_dim)
+        self.window = c.window
         self.qkv = None  # optional fused q/k/v projection returning (q, k, v), set by a loader
         # optional numeric policy for softmax(q k^T) v, called as core(q, keys, vals, mask, scale)
         # -> [B, H, S, D] float32 (e.g. llama.cpp's fp16 roundings), set by a loader
         self.core = None
-        self.rope: Rope | None = None  # set by Transformer.setup
+        self.rope: Rope | None = None  # set by setup_cache
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+    def setup_cache(self, n_ctx: int, device, dtype, model: "Transformer") -> None:
+        """Allocate (or, with ``kv_from``, share) this layer's cache and build its RoPE table."""
+        r = self.c.rope
+        self.rope = model.rope(r, n_ctx, device)
+        if self.c.kv_from is not None:
+            self.cache = model.layers[self.c.kv_from].attn.cache
+        else:
+            self.cache = KVCache(self.n_kv, self.hd, n_ctx, self.window, device, dtype)
+
+    def _qkv(self, x: torch.Tensor):
+        if self.qkv is not None:
+            return self.qkv(x)
+        if self.c.kv_from is not None:
+            return self.attn_q(x), None, None
+        k = self.attn_k(x)
+        return self.attn_q(x), k, (k if self.c.k_eq_v else self.attn_v(x))
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x: [1, S, dim] -> [1, S, dim]."""
         b, s, _ = x.shape
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.attn_q(x), self.attn_k(x), self.attn_v(x))
+        pos0 = step.pos0
+        q, k, v = self._qkv(x)
         q = q.view(b, s, self.n_head, self.hd)  # [B, S, H, D]
-        k = k.view(b, s, self.n_kv, self.hd)
-        v = v.view(b, s, self.n_kv, self.hd)
-        if self.qk_norm:
-            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q, k = self.rope(q, pos0), self.rope(k, pos0)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
-        keys, vals, mask = self.cache.update(k, v, pos0)  # [B, H_kv, L, D]
+        if self.c.qk_norm:
+            q = self.attn_q_norm(q)
+        q = self.rope(q, pos0).transpose(1, 2)  # [B, H, S, D]
+        if k is None:
+            keys, vals, mask = self.cache.shared(pos0, s)  # [B, H_kv, L, D], produced by layer kv_from
+        else:
+            k = k.view(b, s, self.n_kv, self.hd)
+            v = v.view(b, s, self.n_kv, self.hd)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            if self.c.qk_norm:
+                k = self.attn_k_norm(k)
+            k = self.rope(k, pos0)
+            keys, vals, mask = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), pos0)
         if self.core is not None:
             o = self.core(q, keys, vals, mask, self.scale)  # [B, H, S, D]
-            return self.attn_output(o.transpose(1, 2).reshape(b, s, self.n_head * self.hd).float())
-        q = q.to(keys.dtype)
-        if s == 1 and mask is None:  # decode: two small matmuls beat SDPA's per-call cost on CPU
-            g = self.n_head // self.n_kv  # query head h reads kv head h // g
-            att = torch.matmul(q.view(b, self.n_kv, g, self.hd), keys.transpose(-1, -2)) * self.scale  # [B, Hkv, G, L]
-            o = torch.matmul(torch.softmax(att.float(), dim=-1).to(vals.dtype), vals)  # [B, Hkv, G, D]
-            o = o.view(b, self.n_head, 1, self.hd)
         else:
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.n_head != self.n_kv)  # [B, H, S, D]
+            o = attend(q, keys, vals, mask, self.scale)
         return self.attn_output(o.transpose(1, 2).reshape(b, s, self.n_head * self.hd).float())
 
 
 class MLP(nn.Module):
-    """Gated MLP: ``ffn_down(act(ffn_gate(x)) * ffn_up(x))`` (SwiGLU with silu, GeGLU with gelu_tanh)."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU with silu, GeGLU with gelu_tanh).
 
-    def __init__(self, a: ModelArgs):
+    ``stems`` are the GGUF names of the three projections (a shared expert's are ``ffn_*_shexp``).
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, act: str = "silu",
+                 stems: tuple[str, str, str] = ("ffn_gate", "ffn_up", "ffn_down")):
         super().__init__()
-        self.ffn_gate = nn.Linear(a.dim, a.ffn_dim, bias=False)
-        self.ffn_up = nn.Linear(a.dim, a.ffn_dim, bias=False)
-        self.ffn_down = nn.Linear(a.ffn_dim, a.dim, bias=False)
-        self.act = F.silu if a.act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        self.stems = stems
+        for stem, (i, o) in zip(stems, ((dim, ffn_dim), (dim, ffn_dim), (ffn_dim, dim))):
+            setattr(self, stem, nn.Linear(i, o, bias=False))
+        self.FUSE = {"gate_up": stems[:2]}
+        self.act = activation(act)
         self.gate_up = None  # optional fused projection returning (gate, up), set by a loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.ffn_gate(x), self.ffn_up(x))
-        return self.ffn_down(self.act(gate) * up)
+        g, u, d = self.stems
+        gate, up = self.gate_up(x) if self.gate_up is not None else (getattr(self, g)(x), getattr(self, u)(x))
+        return getattr(self, d)(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """The shared decoder block: ``h += [post](attn(norm(h))); h += [post](ffn(norm(h)))``.
+
+    ``sandwich=True`` adds Gemma's ``post_attention_norm`` / ``post_ffw_norm`` after each
+    sub-block. ``ffn`` is any module of ``[.., dim] -> [.., dim]`` (an :class:`MLP`, a MoE).
+    """
+
+    def __init__(self, dim: int, eps: float, attn: nn.Module, ffn: nn.Module, sandwich: bool = False):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = attn
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.ffn = ffn
+        if sandwich:
+            self.post_attention_norm = RMSNorm(dim, eps)
+            self.post_ffw_norm = RMSNorm(dim, eps)
+        self.sandwich = sandwich
+
+    def forward(self, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """h: [1, S, dim] -> [1, S, dim]."""
+        a = self.attn(self.attn_norm(h), step)
+        h = h + (self.post_attention_norm(a) if self.sandwich else a)
+        f = self.ffn(self.ffn_norm(h))
+        return h + (self.post_ffw_norm(f) if self.sandwich else f)
 
 
 class Transformer(nn.Module):
-    """Embedding -> blocks -> final norm -> LM head (optionally soft-capped). Batch size 1.
+    """Embedding -> layers -> final norm -> LM head (optionally soft-capped). Batch size 1.
 
-    Args:
-        a: the model's arguments.
-        block: the architecture's block class, called as ``block(args, layer_index)``.
+    Subclasses override :meth:`embed` / :meth:`layer_inputs` (per-layer embeddings) or
+    :meth:`forward` when the stream differs. Class attributes are data for the loader:
+
+    * ``RENAMES``: module paths whose GGUF stem is not their attribute name (:func:`gguf_name`);
+    * ``TIED``: a GGUF tensor used in place of another the file may omit;
+    * ``OPTIONAL``: GGUF tensors assigned to a model attribute when the file has them.
     """
 
-    def __init__(self, a: ModelArgs, block):
+    RENAMES: dict[str, str] = {}
+    TIED = {"output.weight": "token_embd.weight"}
+    OPTIONAL = {"rope_freqs.weight": "rope_freqs"}
+
+    def __init__(self, a: ModelArgs, layers):
         super().__init__()
         self.args = a
-        self.tok_embd = nn.Embedding(a.vocab_size, a.dim)
-        self.layers = nn.ModuleList(block(a, i) for i in range(a.n_layer))
+        self.token_embd = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(layers)
         self.output_norm = RMSNorm(a.dim, a.norm_eps)
         self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
-        self.rope_freqs: torch.Tensor | None = None  # llama3-style per-frequency factors, set by the loader
+        self.rope_freqs: torch.Tensor | None = None  # per-frequency divisors, set by the loader if the file has them
         self.n_ctx = 0
+        self._ropes: dict = {}
+
+    def gguf_name(self, module: str) -> str:
+        """The GGUF name (without suffix) of a module of this model."""
+        return gguf_name(module, self.RENAMES)
+
+    def rope(self, r: RopeConfig, n_ctx: int, device) -> Rope:
+        """The RoPE table for ``r`` (built once per setting and shared by the layers that use it)."""
+        factors = getattr(self, r.factors) if r.factors else None
+        key = (r, factors is not None)
+        if key not in self._ropes:
+            self._ropes[key] = Rope(r.n_rot, r.base, r.scale, factors, r.style, n_ctx, device)
+        return self._ropes[key]
 
     def setup(self, n_ctx: int, device, cache_dtype=torch.float32) -> None:
-        """Allocate the KV caches and RoPE tables for ``n_ctx`` positions (also resets the cache)."""
-        a = self.args
-        n_rot = a.rope_dim or a.head_dim
-        ropes = {}
-        for i, layer in enumerate(self.layers):
-            swa = a.is_swa(i)
-            key = (a.rope_base_swa, a.rope_freq_scale_swa) if swa else (a.rope_base, a.rope_freq_scale)
-            if key not in ropes:
-                ropes[key] = Rope(n_rot, key[0], key[1], self.rope_freqs, a.rope_style, n_ctx, device)
-            layer.attn.rope = ropes[key]
-            layer.attn.cache = KVCache(a.n_kv_head, a.head_dim, n_ctx, layer.attn.window, device, cache_dtype)
+        """Allocate every layer's cache and RoPE tables for ``n_ctx`` positions (also resets the cache)."""
+        self._ropes = {}
+        for m in self.modules():
+            if m is not self and hasattr(m, "setup_cache"):
+                m.setup_cache(n_ctx, device, cache_dtype, self)
         self.n_ctx = n_ctx
+
+    def cache_bytes_per_token(self) -> int:
+        """KV-cache bytes one position costs over all layers (shared caches counted once)."""
+        seen = {id(c): c for m in self.modules() if (c := getattr(m, "cache", None)) is not None}
+        return sum(c.bytes_per_token() for c in seen.values())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, S] -> the residual stream's input [1, S, dim]."""
+        h = self.token_embd(ids)
+        return h * self.args.embed_scale if self.args.embed_scale != 1.0 else h
+
+    def layer_inputs(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        """Per-layer inputs ([1, S, n_layer, P]) handed to every layer in :class:`Step`; None here."""
+        return None
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, LM head and optional soft-capping: [1, S, dim] -> [1, S, vocab] float32."""
+        logits = self.output(self.output_norm(h))
+        if self.args.final_softcap:
+            c = self.args.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos0: int, last_only: bool = False) -> torch.Tensor:
         """ids: [1, S] token ids at positions pos0.. -> logits [1, S or 1, vocab] float32."""
         if pos0 + ids.shape[1] > self.n_ctx:
             raise IndexError(f"positions up to {pos0 + ids.shape[1]} exceed the context of {self.n_ctx}")
-        h = self.tok_embd(ids)  # [1, S, dim]
-        if self.args.embed_scale != 1.0:
-            h = h * self.args.embed_scale
+        h = self.embed(ids)  # [1, S, dim]
+        step = Step(pos0, self.layer_inputs(ids, h))
         for layer in self.layers:
-            h = layer(h, pos0)
+            h = layer(h, step)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(self.output_norm(h))
-        if self.args.final_softcap:
-            c = self.args.final_softcap
-            logits = torch.tanh(logits / c) * c
-        return logits
+        return self.head(h)

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-
-from edgeinfer.models.base import MLP, Attention, ModelArgs, RMSNorm
+from edgeinfer.models.base import MLP, Attention, Block, ModelArgs, Transformer
 from edgeinfer.models.llama import common_args, hparam
 
 
@@ -27,7 +24,7 @@ def args_from_gguf(md: dict, tensors: dict, path: str = "") -> ModelArgs:
     """Build :class:`ModelArgs` for gemma3 from GGUF metadata and tensor shapes."""
     a = common_args(md, tensors, path)
     arch = a.arch
-    a.rope_style, a.qk_norm, a.post_norms, a.act = "neox", True, True, "gelu_tanh"
+    a.rope_style, a.qk_norm, a.act = "neox", True, "gelu_tanh"
     a.norm_eps = float(hparam(md, arch, "attention.layer_norm_rms_epsilon", 1e-6))
     a.embed_scale = math.sqrt(a.dim)
     a.final_softcap = float(md.get(f"{arch}.final_logit_softcapping", 0.0) or 0.0)
@@ -45,19 +42,7 @@ def args_from_gguf(md: dict, tensors: dict, path: str = "") -> ModelArgs:
     return a
 
 
-class Block(nn.Module):
-    """Sandwich-norm block: ``h += post(attn(pre(h))); h += post(ffn(pre(h)))``."""
-
-    def __init__(self, a: ModelArgs, i: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.attn = Attention(a, i)
-        self.post_attention_norm = RMSNorm(a.dim, a.norm_eps)
-        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.ffn = MLP(a)
-        self.post_ffw_norm = RMSNorm(a.dim, a.norm_eps)
-
-    def forward(self, h: torch.Tensor, pos0: int) -> torch.Tensor:
-        """h: [1, S, dim] -> [1, S, dim]."""
-        h = h + self.post_attention_norm(self.attn(self.attn_norm(h), pos0))
-        return h + self.post_ffw_norm(self.ffn(self.ffn_norm(h)))
+def build(a: ModelArgs) -> Transformer:
+    """The model (on whatever device is current, normally ``meta``): sandwich-norm blocks."""
+    return Transformer(a, [Block(a.dim, a.norm_eps, Attention(a.attn_config(i)), MLP(a.dim, a.at("ffn_dim", i), a.act),
+                                 sandwich=True) for i in range(a.n_layer)])

@@ -14,11 +14,8 @@ Reference: llama.cpp ``src/models/llama.cpp``, ``qwen2.cpp``, ``qwen3.cpp``; HF 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from edgeinfer.errors import InvalidModelError
-from edgeinfer.models.base import MLP, Attention, ModelArgs, RMSNorm
+from edgeinfer.models.base import MLP, Attention, Block, ModelArgs, Transformer
 
 ROPE_STYLE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox"}
 
@@ -79,17 +76,7 @@ def args_from_gguf(md: dict, tensors: dict, path: str = "") -> ModelArgs:
     return a
 
 
-class Block(nn.Module):
-    """Pre-norm block: ``h += attn(norm(h)); h += ffn(norm(h))``."""
-
-    def __init__(self, a: ModelArgs, i: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.attn = Attention(a, i)
-        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.ffn = MLP(a)
-
-    def forward(self, h: torch.Tensor, pos0: int) -> torch.Tensor:
-        """h: [1, S, dim] -> [1, S, dim]."""
-        h = h + self.attn(self.attn_norm(h), pos0)
-        return h + self.ffn(self.ffn_norm(h))
+def build(a: ModelArgs) -> Transformer:
+    """The model (on whatever device is current, normally ``meta``): pre-norm blocks."""
+    return Transformer(a, [Block(a.dim, a.norm_eps, Attention(a.attn_config(i)), MLP(a.dim, a.at("ffn_dim", i), a.act))
+                           for i in range(a.n_layer)])

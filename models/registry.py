@@ -1,4 +1,4 @@
-"""GGUF ``general.architecture`` -> the module that builds it (``args_from_gguf`` + ``Block``).
+"""GGUF ``general.architecture`` -> the module that builds it (``args_from_gguf`` + ``build``).
 
 Adding an architecture = one file in ``models/`` plus one row here plus one row in the
 tiny-config test table (``tests/test_models.py``).

@@ -2,10 +2,15 @@
 
 Steps (STYLE.md's data flow): validate the header -> pick the architecture entry -> build the
 model on ``meta`` -> memory-map the file (copy-on-write ``np.memmap``: nothing is read until
-used) -> swap every ``nn.Linear`` for a :class:`~edgeinfer.kernels.qlinear.QuantLinear` of the
-tensor's GGML type, the embedding for a :class:`~edgeinfer.kernels.qlinear.QuantEmbedding` ->
-``load_state_dict(assign=True)`` for the float 1-D tensors (norms, biases). Load time and RSS
-grow with the file size, not with the dequantized size.
+used) -> swap quantized modules in **by module type** (:data:`SWAPS`: ``nn.Linear`` ->
+:class:`~edgeinfer.kernels.qlinear.QuantLinear`, ``nn.Embedding`` ->
+:class:`~edgeinfer.kernels.qlinear.QuantEmbedding` (rows gathered from the memory map),
+:class:`~edgeinfer.models.moe.ExpertLinear` -> :class:`~edgeinfer.kernels.qlinear.QuantExpertLinear`)
+-> assign every remaining parameter (norms, biases, scales) from its float tensor with
+``load_state_dict(assign=True)`` -> fuse projections that read the same input (``FUSE`` tables of
+the modules) -> allocate the caches. Every tensor of the file must be used by the model: one it
+does not know is an error, not a silent drop. Load time and RSS grow with the file size, not with
+the dequantized size.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -26,8 +32,9 @@ from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.gguf_check import GGUFFile, validate_gguf
 from edgeinfer.kernels import ggml_numerics
 from edgeinfer.kernels.dequant import SUPPORTED, dequantize, row_bytes
-from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear, fuse
-from edgeinfer.models.base import Transformer, gguf_name, module_path
+from edgeinfer.kernels.qlinear import QuantEmbedding, QuantExpertLinear, QuantLinear, fuse
+from edgeinfer.models.base import Attention, Transformer
+from edgeinfer.models.moe import ExpertLinear
 from edgeinfer.models.registry import architecture
 
 log = logging.getLogger(__name__)
@@ -57,13 +64,15 @@ class LoadReport:
 
 
 def _raw(mm: np.ndarray, h: GGUFFile, name: str, t) -> torch.Tensor:
-    """The tensor's bytes as a uint8 [rows, row_bytes] view of the memory map (no copy)."""
+    """The tensor's bytes as a uint8 view of the memory map (no copy): [rows, row_bytes], or
+    [n_expert, rows, row_bytes] for a 3-D tensor."""
     k = t.shape[0]
     rows = t.n_elements // k
     rb = row_bytes(t.qtype, k)
     if rows * rb != t.nbytes:
         raise InvalidModelError(f"{h.path}: tensor {name} has {t.nbytes} bytes, expected {rows * rb}")
-    return torch.from_numpy(mm[t.offset:t.offset + t.nbytes]).view(rows, rb)
+    data = torch.from_numpy(mm[t.offset:t.offset + t.nbytes])
+    return data.view(t.shape[2], t.shape[1], rb) if len(t.shape) == 3 else data.view(rows, rb)
 
 
 def _release_pages(mm: np.memmap) -> None:
@@ -77,6 +86,99 @@ def _release_pages(mm: np.memmap) -> None:
             log.debug("madvise failed: %s", e)
 
 
+@dataclass
+class _Ctx:
+    """What a swap function needs: the file, its tensors, the target device, what was used."""
+
+    path: Path
+    header: GGUFFile
+    mm: np.ndarray
+    tensors: dict
+    device: torch.device
+    numerics: str
+    report: LoadReport
+    model: Transformer
+    used: set = field(default_factory=set)
+
+    def tensor(self, name: str, want: tuple[int, ...] | None = None):
+        """The GGUF tensor ``name`` (ggml order shape checked against ``want``), marked used."""
+        t = self.tensors.get(name)
+        if t is None:
+            alt = self.model.TIED.get(name)
+            t = self.tensors.get(alt) if alt else None
+            if t is None:
+                raise InvalidModelError(f"{self.path}: tensor {name} is missing (architecture "
+                                        f"{self.header.architecture}); re-convert the model")
+            name = alt
+        if want is not None and tuple(t.shape) != tuple(want):
+            raise InvalidModelError(f"{self.path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
+        self.used.add(name)
+        return name, t
+
+    def floats(self, name: str, numpy_shape: tuple[int, ...]) -> torch.Tensor:
+        """A small tensor dequantized to float32 on the device, in the model's (numpy-order) shape."""
+        gname, t = self.tensor(name)
+        if t.n_elements != int(np.prod(numpy_shape)):
+            raise InvalidModelError(f"{self.path}: tensor {gname} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(reversed(numpy_shape))}")
+        raw = _raw(self.mm, self.header, gname, t)
+        return dequantize(raw.reshape(-1, raw.shape[-1]), t.qtype).reshape(numpy_shape).to(self.device)
+
+
+def _swap_linear(c: _Ctx, mod: nn.Linear, gname: str) -> QuantLinear:
+    name, t = c.tensor(gname + ".weight", (mod.in_features, mod.out_features))
+    bias = c.floats(gname + ".bias", (mod.out_features,)).cpu() if mod.bias is not None else None
+    q = QuantLinear(_raw(c.mm, c.header, name, t), t.qtype, mod.out_features, mod.in_features, bias, c.device,
+                    name, numerics=c.numerics)
+    c.report.paths[f"{t.qtype.name}:{q.path}"] += 1
+    c.report.weight_bytes += q.nbytes()
+    return q
+
+
+def _swap_embedding(c: _Ctx, mod: nn.Embedding, gname: str) -> QuantEmbedding:
+    name, t = c.tensor(gname + ".weight", (mod.embedding_dim, mod.num_embeddings))
+    return QuantEmbedding(_raw(c.mm, c.header, name, t), t.qtype, mod.embedding_dim, c.device)
+
+
+def _swap_experts(c: _Ctx, mod: ExpertLinear, gname: str) -> QuantExpertLinear:
+    name, t = c.tensor(gname + ".weight", (mod.in_features, mod.out_features, mod.n_expert))
+    q = QuantExpertLinear(_raw(c.mm, c.header, name, t), t.qtype, mod.n_expert, mod.out_features, mod.in_features,
+                          c.device, name, numerics=c.numerics)
+    c.report.paths[f"{t.qtype.name}:{q.path}"] += mod.n_expert
+    c.report.weight_bytes += q.nbytes()
+    return q
+
+
+#: Module type -> its quantized replacement, built from the module's GGUF tensor(s). Exact types:
+#: a subclass that computes something else needs its own row.
+SWAPS: dict[type, Callable[[_Ctx, nn.Module, str], nn.Module]] = {
+    nn.Linear: _swap_linear,
+    nn.Embedding: _swap_embedding,
+    ExpertLinear: _swap_experts,
+}
+
+
+def _swap_modules(c: _Ctx, model: Transformer) -> None:
+    for path, mod in list(model.named_modules()):
+        swap = SWAPS.get(type(mod))
+        if swap is None:
+            continue
+        new = swap(c, mod, model.gguf_name(path))
+        for pname, p in mod.named_parameters(recurse=False):  # e.g. a router's extra "scale"
+            if pname not in ("weight", "bias"):
+                new.register_parameter(pname, p)
+        model.set_submodule(path, new)
+
+
+def _fuse(model: nn.Module) -> None:
+    """One matmul for the projections a module lists in its ``FUSE`` table, where the kernels allow."""
+    for mod in list(model.modules()):
+        for attr, parts in (getattr(mod, "FUSE", None) or {}).items():
+            members = [getattr(mod, p, None) for p in parts]
+            if all(isinstance(m, QuantLinear) for m in members):
+                setattr(mod, attr, fuse(members))
+
+
 def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
                header: GGUFFile | None = None, numerics: str = "fast") -> tuple[Transformer, LoadReport]:
     """Build the model of GGUF ``path`` on ``device`` with caches for ``n_ctx`` positions.
@@ -86,7 +188,8 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     matmul, an fp16 KV cache, fp16 Q and softmax in attention.
 
     Raises:
-        InvalidModelError: unsupported architecture or tensor type, missing or misshapen tensors.
+        InvalidModelError: unsupported architecture or tensor type, missing, misshapen or
+            unknown tensors.
     """
     path = Path(path)
     h = header or validate_gguf(path)
@@ -99,70 +202,32 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
                                     "use --backend llama.cpp or re-quantize")
     args = arch.args_from_gguf(h.metadata, {n: t.shape for n, t in tensors.items()}, str(path))
     with torch.device("meta"):
-        model = Transformer(args, arch.Block)
+        model = arch.build(args)
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
-    report = LoadReport()
-    floats: dict[str, torch.Tensor] = {}
-    used = set()
-
-    modules = dict(model.named_modules())
-    for mod_name, mod in list(modules.items()):
-        if isinstance(mod, nn.Linear):
-            gname = gguf_name(mod_name) + ".weight"
-            if gname == "output.weight" and gname not in tensors:
-                gname = "token_embd.weight"  # tied embeddings
-            t = tensors.get(gname)
-            if t is None:
-                raise InvalidModelError(f"{path}: tensor {gname} is missing (architecture {h.architecture})")
-            if tuple(t.shape[:2]) != (mod.in_features, mod.out_features):
-                raise InvalidModelError(f"{path}: tensor {gname} has shape {t.shape}, expected "
-                                        f"({mod.in_features}, {mod.out_features})")
-            bias = None
-            if mod.bias is not None:
-                bname = gname.replace(".weight", ".bias")
-                if bname not in tensors:
-                    raise InvalidModelError(f"{path}: tensor {bname} is missing")
-                bias = dequantize(_raw(mm, h, bname, tensors[bname]), tensors[bname].qtype).reshape(-1)
-                used.add(bname)
-            q = QuantLinear(_raw(mm, h, gname, t), t.qtype, mod.out_features, mod.in_features, bias, device, gname,
-                            numerics=numerics)
-            parent, _, child = mod_name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, q)
-            report.paths[f"{t.qtype.name}:{q.path}"] += 1
-            report.weight_bytes += q.nbytes()
-            used.add(gname)
-    t = tensors["token_embd.weight"]
-    model.tok_embd = QuantEmbedding(_raw(mm, h, "token_embd.weight", t), t.qtype, args.dim, device)
-    used.add("token_embd.weight")
-    if "rope_freqs.weight" in tensors:
-        rf = tensors["rope_freqs.weight"]
-        model.rope_freqs = dequantize(_raw(mm, h, rf.name, rf), rf.qtype).reshape(-1)
-        used.add(rf.name)
-    for name, t in tensors.items():
-        if name in used:
+    c = _Ctx(path, h, mm, tensors, device, numerics, LoadReport(), model)
+    _swap_modules(c, model)
+    floats = {}
+    for pname, p in model.named_parameters():
+        if p.device.type != "meta":
             continue
-        if len(t.shape) != 1:
-            log.warning("%s: tensor %s %s is not used by the torch engine", path, name, t.shape)
-            continue
-        floats[module_path(name)] = dequantize(_raw(mm, h, name, t), t.qtype).reshape(-1).to(device)
-    expected = {n for n, p in model.named_parameters()}
-    missing = expected - floats.keys()
-    if missing:
-        raise InvalidModelError(f"{path}: tensors for {sorted(missing)[:4]} are missing "
-                                f"(architecture {h.architecture})")
-    unknown = floats.keys() - expected
+        mod_path, _, attr = pname.rpartition(".")
+        floats[pname] = c.floats(model.gguf_name(mod_path) + "." + attr, tuple(p.shape))
+    for gname, attr in model.OPTIONAL.items():
+        if gname in tensors:
+            setattr(model, attr, c.floats(gname, (tensors[gname].n_elements,)).cpu())
+    unknown = sorted(set(tensors) - c.used)
     if unknown:
-        log.warning("%s: ignoring tensors %s", path, sorted(unknown)[:8])
-    model.load_state_dict({k: floats[k] for k in expected}, strict=False, assign=True)
-    for layer in model.layers:  # one matmul for q/k/v and one for gate/up where the kernels allow
-        a, f = layer.attn, layer.ffn
-        a.qkv = fuse([a.attn_q, a.attn_k, a.attn_v])
-        f.gate_up = fuse([f.ffn_gate, f.ffn_up])
+        raise InvalidModelError(f"{path}: tensors {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} are not "
+                                f"used by the torch engine's {h.architecture} model (an unsupported variant?); "
+                                "use --backend llama.cpp")
+    model.load_state_dict(floats, strict=False, assign=True)
+    _fuse(model)
     _release_pages(mm)
     cache_dtype = torch.float32 if device.type == "cpu" else torch.float16
     if numerics == "llama.cpp":
         cache_dtype = torch.float16  # llama.cpp's default type_k / type_v
-        for layer in model.layers:
-            layer.attn.core = ggml_numerics.attention
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.core = ggml_numerics.attention
     model.setup(n_ctx, device, cache_dtype)
-    return model, report
+    return model, c.report

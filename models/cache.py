@@ -1,0 +1,93 @@
+"""Per-layer attention caches. Each attention module owns one (:meth:`Attention.setup_cache`),
+possibly shared with another layer's (KV-shared layers read the producer's keys and values).
+
+:class:`KVCache` keeps keys/values of full or sliding-window layers (a ring buffer of the window
+when the window is shorter than the context). Caches with another layout (a compressed latent,
+as DeepSeek's multi-head latent attention caches) implement the same ``update``/``shared``/``nbytes``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Static, preallocated keys/values of one layer: [1, H_kv, L, D].
+
+    A sliding-window layer whose window is shorter than the context keeps only its window
+    as a ring buffer (position p lives in slot ``p % window``).
+    """
+
+    def __init__(self, n_kv_head: int, head_dim: int, n_ctx: int, window: int, device, dtype,
+                 v_dim: int | None = None):
+        self.window = window
+        self.ring = 0 < window < n_ctx
+        self.size = window if self.ring else n_ctx
+        self.k = torch.zeros(1, n_kv_head, self.size, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(1, n_kv_head, self.size, v_dim or head_dim, device=device, dtype=dtype)
+        self._last: tuple | None = None  # (pos0, s, keys, values, mask) of the latest update
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one position costs (keys + values)."""
+        return self.nbytes() // self.size
+
+    def shared(self, pos0: int, s: int):
+        """What the latest :meth:`update` returned, for a layer that reuses this layer's keys and
+        values (KV sharing): the same ``(keys, values, mask)`` for queries ``pos0 .. pos0+s-1``.
+
+        Raises:
+            RuntimeError: the producing layer has not run for these positions yet.
+        """
+        last = self._last
+        if last is None or last[0] != pos0 or last[1] != s:
+            raise RuntimeError(f"shared KV cache read for positions {pos0}+{s} before the producing layer ran")
+        return last[2:]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
+        """Store k, v [1, H_kv, S, D] for positions pos0..pos0+S-1 (see :meth:`_update`)."""
+        out = self._update(k, v, pos0)
+        self._last = (pos0, k.shape[2], *out)
+        return out
+
+    def _update(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
+        """Store k, v [1, H_kv, S, D] for positions pos0..pos0+S-1.
+
+        Returns:
+            (keys, values, mask): what the S queries attend to; ``mask`` is a bool [S, L]
+            (True = visible) or None when every returned key is visible to every query.
+        """
+        s, dev = k.shape[2], k.device
+        end = pos0 + s
+        if not self.ring and end > self.size:
+            raise IndexError(f"KV cache holds {self.size} positions, asked for {end}")
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if not self.ring:
+            self.k[:, :, pos0:end] = k
+            self.v[:, :, pos0:end] = v
+            keys, vals = self.k[:, :, :end], self.v[:, :, :end]
+            if s == 1 and (self.window == 0 or end <= self.window):
+                return keys, vals, None  # decode: every cached key is visible
+            kpos = torch.arange(end, device=dev)
+        elif s == 1:  # decode: after writing, the ring holds exactly the visible window
+            self.k[:, :, pos0 % self.size] = k[:, :, 0]
+            self.v[:, :, pos0 % self.size] = v[:, :, 0]
+            n = min(end, self.size)
+            return self.k[:, :, :n], self.v[:, :, :n], None
+        else:
+            w = self.size
+            old = torch.arange(max(0, pos0 - w), pos0, device=dev)
+            keys = torch.cat([self.k[:, :, old % w], k], dim=2)
+            vals = torch.cat([self.v[:, :, old % w], v], dim=2)
+            kpos = torch.cat([old, torch.arange(pos0, end, device=dev)])
+            n = min(s, w)
+            slots = torch.arange(end - n, end, device=dev) % w
+            self.k[:, :, slots] = k[:, :, s - n:]
+            self.v[:, :, slots] = v[:, :, s - n:]
+        qpos = torch.arange(pos0, end, device=dev)[:, None]
+        mask = kpos[None, :] <= qpos
+        if self.window:
+            mask &= (qpos - kpos[None, :]) < self.window
+        return keys, vals, mask
