@@ -66,6 +66,11 @@ class ArraySummary:
     length: int
 
 
+#: ``general.architecture`` prefix of files only edgeinfer's torch engine runs (``convert --torch-only``):
+#: stock llama.cpp, Ollama and LM Studio refuse an unknown architecture instead of computing it wrong.
+TORCH_ONLY_PREFIX = "edgeinfer-"
+
+
 @dataclass
 class GGUFFile:
     """What :func:`validate_gguf` read: version, metadata, tensor table, sizes."""
@@ -85,6 +90,24 @@ class GGUFFile:
     def arch_key(self, template: str, default=None):
         """Read an architecture-scoped key, e.g. ``arch_key(gguf.Keys.LLM.CONTEXT_LENGTH)``."""
         return self.metadata.get(template.format(arch=self.architecture), default)
+
+    @property
+    def torch_only(self) -> str | None:
+        """Why stock llama.cpp cannot run this file (a ``--torch-only`` conversion), or None."""
+        if not self.architecture.startswith(TORCH_ONLY_PREFIX):
+            return None
+        return str(self.metadata.get("edgeinfer.torch_only") or "converted with --torch-only")
+
+    def stock_view(self) -> tuple[str, dict]:
+        """``(architecture, metadata)`` as a stock file of the same architecture would have them:
+        a ``--torch-only`` file's ``edgeinfer-<arch>`` prefix removed from the name and its keys."""
+        arch = self.architecture
+        if not arch.startswith(TORCH_ONLY_PREFIX):
+            return arch, self.metadata
+        base = arch[len(TORCH_ONLY_PREFIX):]
+        md = {(base + k[len(arch):] if k.startswith(arch + ".") else k): v for k, v in self.metadata.items()}
+        md[gguf.Keys.General.ARCHITECTURE] = base
+        return base, md
 
 
 class _Cursor:

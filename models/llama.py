@@ -1,4 +1,5 @@
-"""Llama-family dense decoders: llama (and Mistral/SmolLM, which llama.cpp stores as ``llama``), qwen2, qwen3.
+"""Llama-family decoders: llama (and Mistral/SmolLM/Mixtral, which llama.cpp stores as ``llama``),
+qwen2, qwen3, and the MoE variants qwen2moe, qwen3moe.
 
 Differences are flags read from the file, not code paths per model:
 
@@ -8,16 +9,37 @@ Differences are flags read from the file, not code paths per model:
 * qwen2: q/k/v biases (present as ``blk.N.attn_q.bias`` tensors).
 * qwen3: per-head RMSNorm on q and k before RoPE (``blk.N.attn_q_norm``).
 * llama3 RoPE scaling: the ``rope_freqs`` tensor divides each frequency (applied by the loader).
+* MoE (``{arch}.expert_count`` > 0): the FFN is a :class:`~edgeinfer.models.moe.MoE` -- softmax
+  routing over all experts, top-k, the chosen weights renormalised where llama.cpp's graph does
+  it (llama/Mixtral and qwen3moe yes, qwen2moe no; ``{arch}.expert_weights_norm`` when the file
+  says), qwen2moe's shared expert behind a sigmoid gate (``ffn_gate_inp_shexp``). A
+  ``--torch-only`` file may list dense layers (``edgeinfer.moe_layers``).
 
-Reference: llama.cpp ``src/models/llama.cpp``, ``qwen2.cpp``, ``qwen3.cpp``; HF ``LlamaForCausalLM``.
+Reference: llama.cpp ``src/models/llama.cpp``, ``qwen2.cpp``, ``qwen3.cpp``, ``qwen2moe.cpp``,
+``qwen3moe.cpp``; HF ``LlamaForCausalLM``, ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edgeinfer.errors import InvalidModelError
 from edgeinfer.models.base import MLP, Attention, Block, ModelArgs, Transformer
+from edgeinfer.models.moe import MoE, Routing
 
-ROPE_STYLE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox"}
+ROPE_STYLE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "qwen2moe": "neox", "qwen3moe": "neox"}
+#: Whether llama.cpp's graph renormalises the chosen experts' weights (``build_moe_ffn``'s norm_w).
+RENORMALISES = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+
+
+@dataclass
+class MoeArgs(ModelArgs):
+    """:class:`ModelArgs` plus the routed FFN (per-layer: which layers are MoE)."""
+
+    routing: Routing | None = None
+    ffn_exp: int = 0
+    shared_ffn: int = 0
+    moe_layers: tuple = ()
 
 
 def hparam(md: dict, arch: str, key: str, default=None, *, path: str = "", required: bool = False):
@@ -68,15 +90,31 @@ def common_args(md: dict, tensors: dict, path: str) -> ModelArgs:
 
 
 def args_from_gguf(md: dict, tensors: dict, path: str = "") -> ModelArgs:
-    """Build :class:`ModelArgs` for llama / qwen2 / qwen3 from GGUF metadata and tensor shapes."""
+    """Build :class:`ModelArgs` (:class:`MoeArgs` for a MoE file) for llama / qwen2 / qwen3 /
+    qwen2moe / qwen3moe from GGUF metadata and tensor shapes."""
     a = common_args(md, tensors, path)
-    a.rope_style = ROPE_STYLE[a.arch]
+    arch = a.arch
+    a.rope_style = ROPE_STYLE[arch]
     a.qkv_bias = "blk.0.attn_q.bias" in tensors
     a.qk_norm = "blk.0.attn_q_norm.weight" in tensors
-    return a
+    n_expert = int(md.get(f"{arch}.expert_count", 0) or 0)
+    if not n_expert:
+        return a
+    top_k = int(hparam(md, arch, "expert_used_count", required=True, path=path))
+    moe_layers = tuple(bool(x) for x in md.get("edgeinfer.moe_layers", [True] * a.n_layer))
+    first = moe_layers.index(True)
+    ffn_exp = int(tensors[f"blk.{first}.ffn_down_exps.weight"][0])  # ggml order {ffn, dim, E}
+    shexp = tensors.get(f"blk.{first}.ffn_down_shexp.weight")
+    norm = md.get(f"{arch}.expert_weights_norm", RENORMALISES.get(arch, True))
+    return MoeArgs(**vars(a), routing=Routing(n_expert, top_k, norm_topk=bool(norm)), ffn_exp=ffn_exp,
+                   shared_ffn=int(shexp[0]) if shexp is not None else 0, moe_layers=moe_layers)
 
 
 def build(a: ModelArgs) -> Transformer:
     """The model (on whatever device is current, normally ``meta``): pre-norm blocks."""
-    return Transformer(a, [Block(a.dim, a.norm_eps, Attention(a.attn_config(i)), MLP(a.dim, a.at("ffn_dim", i), a.act))
-                           for i in range(a.n_layer)])
+    def ffn(i: int):
+        if isinstance(a, MoeArgs) and a.moe_layers[i]:
+            return MoE(a.dim, a.ffn_exp, a.routing, a.act, shared_ffn=a.shared_ffn, shared_gate=a.shared_ffn > 0)
+        return MLP(a.dim, a.at("ffn_dim", i), a.act)
+
+    return Transformer(a, [Block(a.dim, a.norm_eps, Attention(a.attn_config(i)), ffn(i)) for i in range(a.n_layer)])

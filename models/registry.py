@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
     "qwen2": llama,
     "qwen3": llama,
+    "qwen2moe": llama,
+    "qwen3moe": llama,
     "gemma3": gemma3,
 }
 

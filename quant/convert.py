@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from edgeinfer.errors import ConversionError
+from edgeinfer.gguf_check import TORCH_ONLY_PREFIX
 from edgeinfer.quant.archs import find_arch, text_config
 from edgeinfer.quant.imatrix import Imatrix, ImatrixError, load_imatrix
 from edgeinfer.quant.policy import (FILE_TYPES, Policy, RecipePolicy, TensorPlanInput, TypeDecision, default_policy,
@@ -76,6 +77,13 @@ class ConversionPlan:
     skipped: list[str] = field(default_factory=list)
     imatrix_path: Path | None = None  # the importance matrix the plan uses (None: none)
     hparams: dict = field(default_factory=dict)  # the architecture's metadata keys, recorded at plan time
+    torch_only: list[str] = field(default_factory=list)  # why stock llama.cpp cannot run it (--torch-only)
+
+    @property
+    def arch_name(self) -> str:
+        """``general.architecture``: the spec's, or ``edgeinfer-<arch>`` for a file stock llama.cpp
+        must refuse (it cannot run the config right; see :meth:`ArchSpec.llama_cpp_limits`)."""
+        return TORCH_ONLY_PREFIX + self.spec.gguf_arch_name if self.torch_only else self.spec.gguf_arch_name
 
     @property
     def n_params(self) -> int:
@@ -93,9 +101,9 @@ class ConversionPlan:
 # --------------------------------------------------------------------------- planning
 
 
-def _record_hparams(spec: ArchSpec, ctx: ArchContext) -> dict:
+def _record_hparams(spec: ArchSpec, ctx: ArchContext, arch_name: str) -> dict:
     """Run the spec's metadata writer on an in-memory ``GGUFWriter``; its keys, in order."""
-    rec = gguf.GGUFWriter(path=None, arch=spec.gguf_arch_name)
+    rec = gguf.GGUFWriter(path=None, arch=arch_name)
     before = set(rec.kv_data[0])
     spec.hparams(rec, ctx)
     return {k: v for k, v in rec.kv_data[0].items() if k not in before}
@@ -134,7 +142,8 @@ def _check_layers(spec: ArchSpec, ctx: ArchContext, seen: dict[int, set[str]], w
 
 
 def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy = default_policy,
-                    offline: bool | None = None, imatrix: str | os.PathLike | None = None) -> ConversionPlan:
+                    offline: bool | None = None, imatrix: str | os.PathLike | None = None,
+                    torch_only: bool = False) -> ConversionPlan:
     """Decide everything about the output without reading any tensor data.
 
     Args:
@@ -143,10 +152,12 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         policy: per-tensor type decision (:func:`default_policy` reproduces llama.cpp).
         imatrix: a llama.cpp importance-matrix file (GGUF or legacy .dat), used as
             ``llama-quantize --imatrix`` uses it (see :func:`assign_imatrix`).
+        torch_only: write a config stock llama.cpp cannot run correctly anyway, as a file only
+            edgeinfer's torch engine loads (``general.architecture = edgeinfer-<arch>``).
     Raises:
         ConversionError: bad input of any kind (missing files, unknown arch, bad shapes, dtypes,
-            a config the architecture's metadata cannot express, an unreadable imatrix or one
-            computed for another model).
+            a config the architecture's metadata cannot express, or one stock llama.cpp would
+            run wrong without ``torch_only``, an unreadable imatrix or one computed for another model).
     """
     qtype = qtype.upper()
     mixes = recipe_names()
@@ -169,16 +180,22 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         policy = RecipePolicy(qtype, int(cfg.get("num_hidden_layers") or 0), spec.gguf_arch_name,
                               int(cfg.get("num_attention_heads") or 1),
                               int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1),
-                              int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+                              ArchContext(cfg, 0).n_experts,
                               has_imatrix=im is not None)
     n_layers = int(cfg["num_hidden_layers"])
     vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0), spm_add_space_prefix=spec.spm_add_space_prefix)
     ctx = ArchContext(cfg, len(vocab))
     spec.check(ctx)
+    limits = spec.llama_cpp_limits(ctx)
+    if limits and not torch_only:
+        raise ConversionError(f"{ck.path / 'config.json'}: stock llama.cpp cannot run this {spec.name} config "
+                              f"correctly: {'; '.join(limits)}. Pass --torch-only to write a file only edgeinfer's "
+                              f"torch engine runs (llama.cpp, Ollama and LM Studio will refuse it)")
     tie = bool(cfg.get("tie_word_embeddings", ck.config.get("tie_word_embeddings", False)))
     tset = spec.tensors(ck, ctx)
     has_output = any(o.name == "output.weight" for o in tset.outs) and not tie
-    plan = ConversionPlan(ck, spec, ctx, vocab, qtype, file_type, skipped=list(tset.skipped))
+    plan = ConversionPlan(ck, spec, ctx, vocab, qtype, file_type, skipped=list(tset.skipped),
+                          torch_only=list(limits) if torch_only else [])
     seen_blocks: dict[int, set[str]] = {}
     for out in tset.outs:
         if out.name == "output.weight" and not has_output:
@@ -218,7 +235,11 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         plan.tensors.append(PlannedTensor(out.name, tuple(source.shape), TypeDecision(base_type), source, kind))
 
     _check_layers(spec, ctx, seen_blocks, ck.path)
-    plan.hparams = _record_hparams(spec, ctx)  # after vocab padding: hparams may read n_vocab
+    plan.hparams = _record_hparams(spec, ctx, plan.arch_name)  # after vocab padding: hparams may read n_vocab
+    if plan.torch_only:
+        plan.hparams["edgeinfer.torch_only"] = gguf.GGUFValue("; ".join(plan.torch_only), gguf.GGUFValueType.STRING)
+        log.warning("writing a file only edgeinfer's torch engine runs (%s): %s", plan.arch_name,
+                    "; ".join(plan.torch_only))
 
     # A canonical order (embeddings, layers in order, output), independent of how the checkpoint is sharded.
     def order(t: PlannedTensor):
@@ -335,7 +356,7 @@ def default_output_name(plan: ConversionPlan) -> str:
 
 
 def _build_writer(plan: ConversionPlan) -> gguf.GGUFWriter:
-    w = gguf.GGUFWriter(path=None, arch=plan.spec.gguf_arch_name)
+    w = gguf.GGUFWriter(path=None, arch=plan.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     _metadata(plan).set_gguf_meta_model(w)
     for key, value in plan.hparams.items():  # recorded at plan time by the spec
@@ -451,7 +472,7 @@ def write_gguf(plan: ConversionPlan, out: Path, force: bool = False, progress: b
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: str = "Q8_0", *,
             force: bool = False, policy: Policy = default_policy, progress: bool = False,
             offline: bool | None = None, n_threads: int | None = None,
-            imatrix: str | os.PathLike | None = None) -> Path:
+            imatrix: str | os.PathLike | None = None, torch_only: bool = False) -> Path:
     """Convert a checkpoint to GGUF (library entry point; the CLI is ``edgeinfer convert``).
 
     Args:
@@ -461,10 +482,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype:
         qtype: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, or a llama.cpp mix from ``recipes.py``
             (Q4_K_M, Q5_K_S, Q6_K, ...).
         imatrix: optional llama.cpp importance-matrix file (``edgeinfer imatrix``, ``llama-imatrix``).
+        torch_only: see :func:`plan_conversion`.
     Returns:
         The path written.
     """
-    plan = plan_conversion(src, qtype, policy, offline=offline, imatrix=imatrix)
+    plan = plan_conversion(src, qtype, policy, offline=offline, imatrix=imatrix, torch_only=torch_only)
     if out is None:
         out = Path.cwd() / default_output_name(plan)
     else:

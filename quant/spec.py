@@ -205,6 +205,36 @@ def common_hparams(w: gguf.GGUFWriter, c: ArchContext) -> None:
                               f"(supported: default, linear, yarn, llama3)")
 
 
+def moe_hparams(w: gguf.GGUFWriter, c: ArchContext) -> None:
+    """The routed-expert keys (llama.cpp's ``TextModel`` writes them from the same config fields)."""
+    w.add_expert_count(c.n_experts)
+    w.add_expert_used_count(int(c.get("num_experts_per_tok", "num_experts_per_token", "top_k_experts")))
+    if (ff := c.get("moe_intermediate_size")) is not None:
+        w.add_expert_feed_forward_length(int(ff))
+
+
+def moe_shapes(c: ArchContext, ffn_exp: int, shared_ffn: int = 0) -> dict:
+    """Expected shapes of the MoE tensors (router, stacked experts, shared expert and its gate)."""
+    h, e = c.hidden, c.n_experts
+    w = {M.FFN_GATE_INP: (e, h), M.FFN_GATE_EXP: (e, ffn_exp, h), M.FFN_UP_EXP: (e, ffn_exp, h),
+         M.FFN_DOWN_EXP: (e, h, ffn_exp), M.FFN_EXP_PROBS_B: (e,)}
+    if shared_ffn:
+        w.update({M.FFN_GATE_SHEXP: (shared_ffn, h), M.FFN_UP_SHEXP: (shared_ffn, h),
+                  M.FFN_DOWN_SHEXP: (h, shared_ffn), M.FFN_GATE_INP_SHEXP: (1, h)})
+    out = {(k, "weight"): v for k, v in w.items()}
+    out[(M.FFN_EXP_PROBS_B, "bias")] = out.pop((M.FFN_EXP_PROBS_B, "weight"))
+    return out
+
+
+def sparse_layers(c: ArchContext) -> list[bool]:
+    """Which layers are MoE, from ``mlp_only_layers`` / ``decoder_sparse_step`` (Qwen-MoE) or
+    ``first_k_dense_replace`` (DeepSeek); every layer when the config says nothing."""
+    dense = set(c.get("mlp_only_layers", default=[]) or [])
+    step = int(c.get("decoder_sparse_step", default=1) or 1)
+    first = int(c.get("first_k_dense_replace", default=0) or 0)
+    return [i not in dense and (i + 1) % step == 0 and i >= first for i in range(c.n_layers)]
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -240,6 +270,12 @@ class ArchSpec:
     # -- plan-time checks and metadata ---------------------------------------------------------
     def check(self, c: ArchContext) -> None:
         """Refuse config combinations this architecture (or llama.cpp) cannot express. Raises ConversionError."""
+
+    def llama_cpp_limits(self, c: ArchContext) -> list[str]:
+        """Why stock llama.cpp cannot run this config correctly (it would refuse the file, or
+        hard-codes something the config changes); empty when it can. The converter refuses such a
+        config unless asked for a file only edgeinfer's torch engine runs (``--torch-only``)."""
+        return []
 
     def hparams(self, w: gguf.GGUFWriter, c: ArchContext) -> None:
         """Write the architecture's metadata keys (``w.add_*``). Runs at plan time, on a recorder."""
@@ -284,7 +320,7 @@ class ArchSpec:
 
     def gguf_name(self, name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor via ``TensorNameMap`` (None if it has none)."""
-        name = hf_name
+        name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # DeepSeek's router bias
         for p in self.name_prefixes:
             if name.startswith(p):
                 rest = name[len(p):]

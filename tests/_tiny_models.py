@@ -45,8 +45,21 @@ TINY_CONFIGS: dict[str, dict] = {
                    query_pre_attn_scalar=48, final_logit_softcapping=30.0, tie_word_embeddings=True,
                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # MoE: several experts, top-k > 1; router/expert widths multiples of 32 so every matrix quantizes
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=None, tie_word_embeddings=False),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=96, norm_topk_prob=False,
+                      decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=3,
+                      moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      tie_word_embeddings=False),
 }
-DEFAULT_TOKENIZER = {"llama": "bpe", "mistral": "bpe", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm"}
+DEFAULT_TOKENIZER = {"llama": "bpe", "mistral": "bpe", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm",
+                     "mixtral": "bpe", "qwen2_moe": "bpe", "qwen3_moe": "bpe"}
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A tiny model learns nothing, but its tokenizer
 still splits words into pieces: hello world, hello there, the weather is nice today.

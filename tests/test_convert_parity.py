@@ -31,7 +31,7 @@ import pytest
 
 import _tiny_models
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]
 TOL = {"F32": (2e-3, 1e-5), "F16": (1e-2, 1e-4), "BF16": (4e-2, 1e-3), "Q8_0": (0.1, 3e-3),
        "Q5_0": (0.35, 3e-2), "Q5_1": (0.35, 3e-2), "Q4_0": (0.6, 0.1), "Q4_1": (0.6, 0.1)}
 ORACLE_TOL = (0.06, 1e-3)
@@ -60,13 +60,18 @@ def hf_logits(folder, qtype: str | None = None) -> np.ndarray:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if qtype is not None:
-        types = {t.source.name: t.ggml_type for t in plan_conversion(folder, qtype).tensors if t.source}
+        plan = plan_conversion(folder, qtype)
+        types = {t.source.name: t.ggml_type for t in plan.tensors if t.source.name}
+        by_gguf = {t.gguf_name: t.ggml_type for t in plan.tensors}
         quantized = 0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 t = types.get(name)
                 if t is None and name == "lm_head.weight":  # tied: the embedding's type
                     t = types.get("model.embed_tokens.weight")
+                if t is None and ".experts." in name:  # transformers holds experts fused: [E, 2I, H] / [E, H, I]
+                    stem = "ffn_down_exps" if name.endswith("down_proj") else "ffn_gate_exps"
+                    t = by_gguf.get(f"blk.{name.split('.')[2]}.{stem}.weight")
                 if t is None or t == gguf.GGMLQuantizationType.F32:
                     continue
                 w = p.detach().numpy()

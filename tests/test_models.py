@@ -22,7 +22,7 @@ import torch
 
 import _tiny_models
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]
 TOKENS = [int(t) for t in np.random.default_rng(11).integers(3, 300, size=24)]
 
 

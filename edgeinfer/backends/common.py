@@ -65,6 +65,49 @@ def vocab_only_log_filter():
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def _stock_metadata_copy(h: GGUFFile, out_dir: str) -> str:
+    """A tensor-less GGUF with ``h``'s metadata as a stock file of its architecture has it (the
+    ``edgeinfer-`` prefix of a ``--torch-only`` file removed), for llama.cpp's ``vocab_only`` loader,
+    which refuses architectures it does not know."""
+    import gguf
+
+    arch = h.architecture
+    base, _ = h.stock_view()
+    reader = gguf.GGUFReader(h.path)
+    w = gguf.GGUFWriter(os.path.join(out_dir, "vocab.gguf"), base)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        key = base + name[len(arch):] if name.startswith(arch + ".") else name
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[1]) if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return os.path.join(out_dir, "vocab.gguf")
+
+
+def load_vocab_model(h: GGUFFile):
+    """llama.cpp's tokenizer for ``h`` (a ``vocab_only`` ``llama_cpp.Llama``: no weights are read).
+
+    Raises:
+        BackendError: llama.cpp cannot read the vocabulary.
+    """
+    import tempfile
+
+    import llama_cpp
+
+    try:
+        with vocab_only_log_filter():
+            if not h.torch_only:
+                return llama_cpp.Llama(model_path=str(h.path), vocab_only=True, verbose=False)
+            with tempfile.TemporaryDirectory(prefix="edgeinfer-vocab-") as d:
+                return llama_cpp.Llama(model_path=_stock_metadata_copy(h, d), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise BackendError(f"{h.path}: llama.cpp could not load the vocabulary ({e})") from None
+
+
 class LlamaCppVocab:
     """What both backends share: llama.cpp's tokenizer (a full or ``vocab_only`` ``llama_cpp.Llama``),
     prompt rendering + checks, the event stream and :class:`ModelInfo`.

@@ -23,6 +23,10 @@ def check_known_architecture(h) -> None:
     """Refuse a GGUF whose ``general.architecture`` llama.cpp does not know, before loading it."""
     import gguf
 
+    if h.torch_only:
+        raise InvalidModelError(f"{h.path}: this file runs in edgeinfer's torch engine only (architecture "
+                                f"{h.architecture!r}: stock llama.cpp cannot run it correctly: {h.torch_only}); "
+                                "use --backend torch")
     known = set(gguf.MODEL_ARCH_NAMES.values())
     if h.architecture not in known:
         raise InvalidModelError(

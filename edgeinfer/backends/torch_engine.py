@@ -21,8 +21,8 @@ from typing import Iterator, Sequence
 import torch
 
 from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
-from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_size, default_threads, process_memory,
-                                       vocab_only_log_filter)
+from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_size, default_threads, load_vocab_model,
+                                       process_memory)
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
 from edgeinfer.kernels.ggml_numerics import resolve_numerics
@@ -69,14 +69,7 @@ class TorchBackend(LlamaCppVocab):
         self.n_ctx = n_ctx = context_size(self.header, opts.n_ctx)
         t0 = time.perf_counter()
         self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics)
-        import llama_cpp
-
-        self._lc = llama_cpp
-        try:
-            with vocab_only_log_filter():
-                self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise BackendError(f"{self.path}: llama.cpp could not load the vocabulary ({e})") from None
+        self._vocab_llm = load_vocab_model(self.header)
         self.load_s = time.perf_counter() - t0
         self._init_vocab(self._vocab_llm)
         self.seed = opts.seed

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", metavar="FILE", default=None,
                    help="importance matrix (llama.cpp's GGUF or .dat format, e.g. from `edgeinfer imatrix`): "
                         "weights the quantization error per input column, as llama-quantize --imatrix")
+    p.add_argument("--torch-only", action="store_true",
+                   help="convert a config stock llama.cpp cannot run correctly (it hard-codes something the config "
+                        "changes) into a file only edgeinfer's torch engine runs; llama.cpp, Ollama and LM Studio "
+                        "refuse it")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, size, bits/weight) and exit")
     p.add_argument("--threads", type=_num(int, 1), default=None, help="CPU threads for encoding (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -39,7 +43,7 @@ def print_plan(plan, out) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{plan.spec.name} -> {plan.spec.gguf_arch_name} GGUF, {plan.qtype}: {out}")
+    table = Table(title=f"{plan.spec.name} -> {plan.arch_name} GGUF, {plan.qtype}: {out}")
     cols = ("tensor", "shape", "type", "size", "bpw") + (("imatrix",) if plan.imatrix_path else ()) + ("note",)
     for col in cols:
         table.add_column(col, justify="right" if col in ("size", "bpw") else "left")
@@ -55,6 +59,9 @@ def print_plan(plan, out) -> None:
                   f"{fmt_bytes(plan.nbytes)} of tensor data ({total_bpw:.2f} bits/weight); "
                   f"vocabulary {len(plan.vocab)} tokens ({plan.vocab.model}"
                   f"{', pre=' + plan.vocab.pre if plan.vocab.pre else ''}); skipped: {len(plan.skipped)}")
+    if plan.torch_only:
+        console.print(f"torch-only file ({plan.arch_name}): stock llama.cpp cannot run this config correctly: "
+                      f"{'; '.join(plan.torch_only)}")
     if plan.imatrix_path:
         used = sum(t.importance is not None for t in plan.tensors)
         missing = sum(t.imatrix_note == "no entry" for t in plan.tensors)
@@ -68,7 +75,7 @@ def main(args) -> int:
     from edgeinfer.quant.convert import default_output_name, plan_conversion, write_gguf
 
     plan = plan_conversion(args.src, args.qtype, offline=getattr(args, "offline", None) or None,
-                           imatrix=args.imatrix)
+                           imatrix=args.imatrix, torch_only=args.torch_only)
     out = Path(args.output) if args.output else Path.cwd()
     if out.is_dir():
         out = out / default_output_name(plan)

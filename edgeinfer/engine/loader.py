@@ -193,14 +193,15 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     """
     path = Path(path)
     h = header or validate_gguf(path)
-    arch = architecture(h.architecture, str(path))
+    arch_name, metadata = h.stock_view()  # a --torch-only file reads as its stock architecture
+    arch = architecture(arch_name, str(path))
     tensors = {t.name: t for t in h.tensors}
     for t in h.tensors:
         if t.qtype not in SUPPORTED:
             raise InvalidModelError(f"{path}: tensor {t.name} is {t.qtype.name}, which the torch engine cannot "
                                     f"read (supported: {', '.join(q.name for q in SUPPORTED)}); "
                                     "use --backend llama.cpp or re-quantize")
-    args = arch.args_from_gguf(h.metadata, {n: t.shape for n, t in tensors.items()}, str(path))
+    args = arch.args_from_gguf(metadata, {n: t.shape for n, t in tensors.items()}, str(path))
     with torch.device("meta"):
         model = arch.build(args)
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched

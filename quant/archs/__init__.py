@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant.archs.gemma3 import Gemma3Spec
-from edgeinfer.quant.archs.llama import LlamaSpec, MistralSpec
-from edgeinfer.quant.archs.qwen import Qwen2Spec, Qwen3Spec
+from edgeinfer.quant.archs.llama import LlamaSpec, MistralSpec, MixtralSpec
+from edgeinfer.quant.archs.qwen import Qwen2MoeSpec, Qwen2Spec, Qwen3MoeSpec, Qwen3Spec
 from edgeinfer.quant.spec import ArchContext, ArchSpec
 
 ARCHS: tuple[ArchSpec, ...] = (
     LlamaSpec(),
     MistralSpec(),
+    MixtralSpec(),
     Qwen2Spec(),
     Qwen3Spec(),
+    Qwen2MoeSpec(),
+    Qwen3MoeSpec(),
     Gemma3Spec(),
 )
 

@@ -1,23 +1,32 @@
-"""Llama and Mistral (``LlamaForCausalLM``, ``MistralForCausalLM``) -> GGUF ``llama``.
+"""Llama, Mistral and Mixtral (``LlamaForCausalLM``, ``MistralForCausalLM``, ``MixtralForCausalLM``) -> GGUF ``llama``.
 
 * q/k rows are permuted from HF's rotate-half RoPE layout to ggml's interleaved pairs
   (llama.cpp's ``LlamaModel.permute``), so the file uses ``LLAMA_ROPE_TYPE_NORM``;
 * Llama 3 ``rope_scaling`` (``rope_type: llama3``) becomes a ``rope_freqs`` tensor of
-  per-frequency divisors, as HF's llama3 RoPE init computes them.
+  per-frequency divisors, as HF's llama3 RoPE init computes them;
+* Mixtral: the per-expert ``block_sparse_moe.experts.N.w1/w3/w2`` become ``ffn_gate/up/down_exps``
+  stacked one expert after another (the default spec mapping), the router ``ffn_gate_inp``.
+  llama.cpp's ``llama`` graph routes softmax -> top-k -> renormalise, as ``MixtralTopKRouter``.
+* a ``sliding_window`` shorter than the context is ignored by llama.cpp's ``llama`` graph (as by
+  its own converter): the converter says so, since outputs past the window then differ from HF's.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import gguf
 import numpy as np
 import torch
 
+from edgeinfer.errors import ConversionError
 from edgeinfer.quant.rows import Generated, Permute, RowSource
-from edgeinfer.quant.spec import ArchContext, ArchSpec, Out, common_hparams, rope_params, tensor_name
+from edgeinfer.quant.spec import (ArchContext, ArchSpec, Out, common_hparams, moe_hparams, moe_shapes, rope_params,
+                                  tensor_name)
 
 M = gguf.MODEL_TENSOR
+log = logging.getLogger(__name__)
 
 
 def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
@@ -81,5 +90,29 @@ class MistralSpec(LlamaSpec):
     hf_architectures = ("MistralForCausalLM",)
     model_types = ("mistral",)
 
+    def check(self, c: ArchContext) -> None:
+        sw, n_ctx = c.get("sliding_window"), c.get("max_position_embeddings")
+        if sw and n_ctx and int(sw) < int(n_ctx):
+            log.warning("config.json: sliding_window=%s is not applied by llama.cpp's llama graph: past %s tokens "
+                        "of context its outputs (and edgeinfer's) differ from transformers'", sw, sw)
+
     def generated(self, c: ArchContext) -> list[Out]:
         return []
+
+
+class MixtralSpec(MistralSpec):
+    name = "mixtral"
+    hf_architectures = ("MixtralForCausalLM",)
+    model_types = ("mixtral",)
+
+    def check(self, c: ArchContext) -> None:
+        super().check(c)
+        if c.n_experts < 2:
+            raise ConversionError(f"config.json: mixtral needs num_local_experts >= 2 (has {c.n_experts})")
+
+    def hparams(self, w: gguf.GGUFWriter, c: ArchContext) -> None:
+        super().hparams(w, c)
+        moe_hparams(w, c)
+
+    def shapes(self, c: ArchContext, bid):
+        return {**super().shapes(c, bid), **moe_shapes(c, int(c.cfg["intermediate_size"]))}
