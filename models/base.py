@@ -31,7 +31,7 @@ from torch import nn
 
 from edgeinfer.models.cache import KVCache
 
-__all__ = ["ModelArgs", "RopeConfig", "AttnConfig", "Step", "RMSNorm", "Scale", "Rope", "Attention", "MLP",
+__all__ = ["ModelArgs", "Yarn", "yarn_mscale", "RopeConfig", "AttnConfig", "Step", "RMSNorm", "Scale", "Rope", "Attention", "MLP",
            "Block", "Transformer", "gguf_name", "module_path", "activation", "KVCache"]
 
 #: Per-layer tensors of the default layout that live in the attention / MLP sub-module
@@ -94,6 +94,7 @@ class ModelArgs:
     rope_style: str = "norm"  # "norm": rotate adjacent pairs (llama.cpp LLAMA_ROPE_TYPE_NORM); "neox": halves
     rope_base: float = 10000.0
     rope_freq_scale: float = 1.0  # linear scaling: positions are multiplied by this
+    rope_yarn: "Yarn | None" = None  # YaRN scaling of the global layers
     rope_base_swa: float = 10000.0  # sliding-window layers (gemma3)
     rope_freq_scale_swa: float = 1.0
     sliding_window: int = 0  # 0 = none
@@ -121,15 +122,46 @@ class ModelArgs:
         hd = self.at("head_dim", i)
         rope = RopeConfig(self.rope_dim or hd, self.rope_base_swa if swa else self.rope_base,
                           self.rope_freq_scale_swa if swa else self.rope_freq_scale, self.rope_style,
-                          factors="rope_freqs")
+                          factors="rope_freqs", yarn=None if swa else self.rope_yarn)
         return AttnConfig(self.dim, self.n_head, self.at("n_kv_head", i), hd, norm_eps=self.norm_eps,
                           qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, window=self.sliding_window if swa else 0,
                           scale=self.attn_scale, rope=rope)
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN context extension (HF ``_compute_yarn_parameters``, ggml ``rope_yarn``): frequencies
+    blended between interpolated (``/ factor``) and original by a ramp over the dimensions between
+    the ``beta_fast`` and ``beta_slow`` correction dims of ``orig_ctx``; cos/sin times ``attn_factor``."""
+
+    factor: float
+    orig_ctx: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    ext_factor: float = 1.0
+    attn_factor: float = 1.0
+
+    def inv_freq(self, n_rot: int, base: float) -> torch.Tensor:
+        """[n_rot/2] float64 inverse frequencies."""
+        def corr_dim(n: float) -> float:
+            return n_rot * math.log(self.orig_ctx / (n * 2 * math.pi)) / (2 * math.log(base))
+
+        lo = max(0.0, math.floor(corr_dim(self.beta_fast)))
+        hi = min(n_rot - 1.0, math.ceil(corr_dim(self.beta_slow)))
+        extrap = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+        ramp = 1 - ((torch.arange(n_rot // 2, dtype=torch.float64) - lo) / max(0.001, hi - lo)).clamp(0, 1)
+        mix = ramp * self.ext_factor  # 1: keep the original frequency, 0: interpolate
+        return extrap / self.factor * (1 - mix) + extrap * mix
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
 class RopeConfig:
-    """One RoPE setting: ``theta_i(p) = p * scale * base^(-2i/n_rot) / factor_i``.
+    """One RoPE setting: ``theta_i(p) = p * scale * base^(-2i/n_rot) / factor_i`` (or YaRN's frequencies).
 
     ``factors`` names a model attribute holding per-frequency divisors (llama3's or Gemma 4's
     ``rope_freqs`` tensor), used when the file has it; ``style``: ``norm`` (pairs) or ``neox`` (halves).
@@ -140,6 +172,7 @@ class RopeConfig:
     scale: float = 1.0
     style: str = "norm"
     factors: str | None = None
+    yarn: Yarn | None = None
 
 
 @dataclass(frozen=True)
@@ -207,13 +240,17 @@ class Rope:
     """Rotary position embedding tables for one :class:`RopeConfig` (and optional freq factors)."""
 
     def __init__(self, n_rot: int, base: float, scale: float, factors: torch.Tensor | None, style: str,
-                 max_pos: int, device):
-        inv = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)  # [n_rot/2]
+                 max_pos: int, device, yarn: Yarn | None = None):
+        if yarn is not None:
+            inv = yarn.inv_freq(n_rot, base)
+        else:
+            inv = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)  # [n_rot/2]
         if factors is not None:
             inv = inv / factors.to(torch.float64).cpu()[: n_rot // 2]
         ang = torch.outer(torch.arange(max_pos, dtype=torch.float64) * scale, inv)  # [P, n_rot/2]
-        self.cos = ang.cos().float()[:, None, :].to(device)  # [P, 1, n_rot/2]
-        self.sin = ang.sin().float()[:, None, :].to(device)
+        m = yarn.attn_factor if yarn is not None else 1.0
+        self.cos = (ang.cos() * m).float()[:, None, :].to(device)  # [P, 1, n_rot/2]
+        self.sin = (ang.sin() * m).float()[:, None, :].to(device)
         self.n_rot, self.style = n_rot, style
 
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -405,7 +442,7 @@ class Transformer(nn.Module):
         factors = getattr(self, r.factors) if r.factors else None
         key = (r, factors is not None)
         if key not in self._ropes:
-            self._ropes[key] = Rope(r.n_rot, r.base, r.scale, factors, r.style, n_ctx, device)
+            self._ropes[key] = Rope(r.n_rot, r.base, r.scale, factors, r.style, n_ctx, device, r.yarn)
         return self._ropes[key]
 
     def setup(self, n_ctx: int, device, cache_dtype=torch.float32) -> None:

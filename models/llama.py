@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
+
 from edgeinfer.errors import InvalidModelError
-from edgeinfer.models.base import MLP, Attention, Block, ModelArgs, Transformer
+from edgeinfer.models.base import MLP, Attention, Block, ModelArgs, Transformer, Yarn, yarn_mscale
 from edgeinfer.models.moe import MoE, Routing
 
 ROPE_STYLE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "qwen2moe": "neox", "qwen3moe": "neox"}
@@ -54,14 +56,26 @@ def hparam(md: dict, arch: str, key: str, default=None, *, path: str = "", requi
     return v
 
 
-def rope_scale(md: dict, arch: str, path: str) -> float:
-    """Linear RoPE scaling as a position multiplier (1 = none); other scaling types are refused."""
+def rope_scaling(md: dict, arch: str, path: str) -> tuple[float, Yarn | None]:
+    """(position multiplier, YaRN settings or None) from ``{arch}.rope.scaling.*``; longrope is refused.
+
+    YaRN as llama.cpp applies it (``llama_context`` constructor): extrapolation factor 1 unless the
+    file says, cos/sin scaled by ``0.1 ln(factor) + 1`` -- or, with ``rope.scaling.yarn_log_mul``
+    (DeepSeek's ``0.1 * mscale_all_dim``), by 1 (``mscale == mscale_all_dim``, as llama.cpp assumes).
+    """
     kind = md.get(f"{arch}.rope.scaling.type", "none")
     factor = float(md.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
-    if kind in ("yarn", "longrope") and factor not in (0.0, 1.0):
+    if kind == "longrope" and factor not in (0.0, 1.0):
         raise InvalidModelError(f"{path}: RoPE scaling {kind!r} is not supported by the torch engine; "
                                 "use --backend llama.cpp")
-    return 1.0 / factor if kind == "linear" and factor else 1.0
+    if kind == "yarn" and factor > 1.0:
+        g = lambda k, d: float(md.get(f"{arch}.rope.scaling.{k}", d) or d)  # noqa: E731
+        log_mul = float(md.get(gguf.Keys.Rope.SCALING_YARN_LOG_MUL.format(arch=arch), 0.0) or 0.0)
+        yarn = Yarn(factor, int(md.get(f"{arch}.rope.scaling.original_context_length", 4096)),
+                    g("yarn_beta_fast", 32.0), g("yarn_beta_slow", 1.0), g("yarn_ext_factor", 1.0),
+                    1.0 if log_mul else yarn_mscale(factor))
+        return 1.0, yarn
+    return (1.0 / factor if kind == "linear" and factor else 1.0), None
 
 
 def common_args(md: dict, tensors: dict, path: str) -> ModelArgs:
@@ -72,6 +86,7 @@ def common_args(md: dict, tensors: dict, path: str) -> ModelArgs:
     head_dim = int(hparam(md, arch, "attention.key_length", dim // n_head))
     if "token_embd.weight" not in tensors:
         raise InvalidModelError(f"{path}: tensor token_embd.weight is missing; re-convert the model")
+    scaling = rope_scaling(md, arch, path)
     return ModelArgs(
         arch=arch,
         n_layer=int(hparam(md, arch, "block_count", required=True, path=path)),
@@ -84,7 +99,8 @@ def common_args(md: dict, tensors: dict, path: str) -> ModelArgs:
         norm_eps=float(hparam(md, arch, "attention.layer_norm_rms_epsilon", 1e-5)),
         rope_dim=int(hparam(md, arch, "rope.dimension_count", head_dim)),
         rope_base=float(hparam(md, arch, "rope.freq_base", 10000.0)),
-        rope_freq_scale=rope_scale(md, arch, path),
+        rope_freq_scale=scaling[0],
+        rope_yarn=scaling[1],
         ctx_train=int(hparam(md, arch, "context_length", 4096)),
     )
 

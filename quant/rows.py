@@ -17,6 +17,7 @@ The small set of sources an architecture composes (``quant/archs/*.py``):
 ``Permute(src, p)``  rows in another order (output row ``i`` is source row ``p[i]``; for a 1-D
                    source, its elements)
 ``Map(src, fn)``   a row-local fix-up ``fn(x: torch.Tensor [n, cols]) -> same shape``
+``Transpose(src)`` every slice of a 3-D source transposed (``[H, a, b]`` -> ``[H, b, a]``)
 ``Generated(x)``   a tensor computed from the config (``rope_freqs``)
 =================  ==================================================================
 """
@@ -58,9 +59,9 @@ class RowSource:
 
     @property
     def name(self) -> str | None:
-        """The checkpoint name when exactly one tensor is read, else None."""
-        refs = self.refs
-        return refs[0].name if len(refs) == 1 else None
+        """The checkpoint name when exactly one tensor is read (maybe in parts), else None."""
+        names = {r.name for r in self.refs}
+        return names.pop() if len(names) == 1 else None
 
     def open(self) -> contextlib.AbstractContextManager[Reader]:
         raise NotImplementedError  # every concrete source defines it
@@ -239,6 +240,39 @@ class Map(RowSource):
                     raise ConversionError(f"{self.describe()}: fix-up changed a chunk's shape "
                                           f"{list(x.shape)} -> {list(y.shape)}")
                 return y
+
+            yield rows
+
+
+class Transpose(RowSource):
+    """A 3-D source ``[H, a, b]`` as ``[H, b, a]``: each slice transposed, read one slice at a time
+    (DeepSeek's per-head ``attn_k_b``)."""
+
+    def __init__(self, src: RowSource):
+        self.src = src
+        h, a, b = src.shape
+        self.shape = (h, b, a)
+
+    @property
+    def refs(self):
+        return self.src.refs
+
+    def describe(self) -> str:
+        return f"transposed {self.src.describe()}"
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Reader]:
+        _, b, a = self.shape
+        with self.src.open() as read:
+            def rows(r0: int, r1: int):
+                out = []
+                while r0 < r1:  # output rows of slice i are the columns of source rows i*a .. (i+1)*a
+                    i, off = divmod(r0, b)
+                    n = min(r1 - r0, b - off)
+                    blk = np.asarray(read(i * a, (i + 1) * a), dtype=np.float32)  # [a, b]
+                    out.append(np.ascontiguousarray(blk[:, off:off + n].T))
+                    r0 += n
+                return out[0] if len(out) == 1 else np.concatenate(out)
 
             yield rows
 

@@ -57,9 +57,19 @@ TINY_CONFIGS: dict[str, dict] = {
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=3,
                       moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                       tie_word_embeddings=False),
+    # MLA + sigmoid group routing with a selection bias, a dense first layer, YaRN x4 with mscale_all_dim
+    "deepseek_v3": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+                        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=8,
+                        num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1, norm_topk_prob=True,
+                        rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
 DEFAULT_TOKENIZER = {"llama": "bpe", "mistral": "bpe", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm",
-                     "mixtral": "bpe", "qwen2_moe": "bpe", "qwen3_moe": "bpe"}
+                     "mixtral": "bpe", "qwen2_moe": "bpe", "qwen3_moe": "bpe", "deepseek_v3": "bpe"}
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A tiny model learns nothing, but its tokenizer
 still splits words into pieces: hello world, hello there, the weather is nice today.

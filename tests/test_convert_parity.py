@@ -31,10 +31,13 @@ import pytest
 
 import _tiny_models
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 TOL = {"F32": (2e-3, 1e-5), "F16": (1e-2, 1e-4), "BF16": (4e-2, 1e-3), "Q8_0": (0.1, 3e-3),
        "Q5_0": (0.35, 3e-2), "Q5_1": (0.35, 3e-2), "Q4_0": (0.6, 0.1), "Q4_1": (0.6, 0.1)}
 ORACLE_TOL = (0.06, 1e-3)
+# MoE: where a token's best experts nearly tie, 8-bit activation rounding can route it differently from the
+# oracle, and that position alone then differs by ~0.1-0.3 (see tests/test_models.py): judged per position.
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 TOKENS = [int(t) for t in np.random.default_rng(7).integers(3, 300, size=24)]
 
 
@@ -75,11 +78,32 @@ def hf_logits(folder, qtype: str | None = None) -> np.ndarray:
                 if t is None or t == gguf.GGMLQuantizationType.F32:
                     continue
                 w = p.detach().numpy()
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, t), t).reshape(w.shape)))
+                if name.endswith("kv_b_proj.weight"):  # DeepSeek: stored per head as attn_k_b (transposed) + attn_v_b
+                    p.copy_(torch.from_numpy(_mla_kv_b_round_trip(w, folder, name, by_gguf)))
+                else:
+                    p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, t), t).reshape(w.shape)))
                 quantized += 1
         assert quantized > 0
     with torch.no_grad():
         return model(torch.tensor([TOKENS])).logits[0].double().numpy()
+
+
+def _mla_kv_b_round_trip(w: np.ndarray, folder, name: str, types: dict) -> np.ndarray:
+    """kv_b [H*(nope+v), kv_lora] through the types and layouts of the file's attn_k_b (each head's
+    nope rows transposed, so blocks run along nope) and attn_v_b."""
+    import json
+
+    import gguf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    h, nope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    bid = name.split(".")[2]
+    rt = lambda x, t: gguf.quants.dequantize(gguf.quants.quantize(x, t), t).reshape(x.shape)  # noqa: E731
+    kv = w.reshape(h, nope + v, -1).copy()
+    kv[:, :nope] = rt(np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1)), types[f"blk.{bid}.attn_k_b.weight"]
+                      ).transpose(0, 2, 1)
+    kv[:, nope:] = rt(np.ascontiguousarray(kv[:, nope:]), types[f"blk.{bid}.attn_v_b.weight"])
+    return kv.reshape(w.shape)
 
 
 def llama_logits(path, tokens) -> np.ndarray:
@@ -116,9 +140,17 @@ def test_parity_all_types(tiny, tmp_path, arch):
         if not (rel < tol_rel and kl < tol_kl):
             failures.append(f"{qtype}: rel={rel:.3e} kl={kl:.3e}")
         if qtype.startswith("Q"):
-            orel, okl = compare(hf_logits(folder, qtype), got)
+            oracle = hf_logits(folder, qtype)
+            orel, okl = compare(oracle, got)
             line += f" | vs dequantized oracle: rel={orel:.3e} KL={okl:.3e}"
-            if not (orel < ORACLE_TOL[0] and okl < ORACLE_TOL[1]):
+            if arch in MOE:  # a near-tie of two experts may route differently: judge per position
+                per = np.linalg.norm(got - oracle, axis=-1) / np.linalg.norm(oracle, axis=-1)
+                flips = int((per > ORACLE_TOL[0]).sum())
+                line += f", median per position {np.median(per):.3e}, {flips} over {ORACLE_TOL[0]}"
+                ok = np.median(per) < ORACLE_TOL[0] and flips <= 3 and okl < ORACLE_TOL[1]
+            else:
+                ok = orel < ORACLE_TOL[0] and okl < ORACLE_TOL[1]
+            if not ok:
                 failures.append(f"{qtype} vs oracle: rel={orel:.3e} kl={okl:.3e}")
         print(line)
         path.unlink()

@@ -10,6 +10,10 @@ One row per architecture (``ARCHS``), built by ``tests/_tiny_models.py`` and con
 * Q8_0 / Q4_0 GGUF vs llama.cpp on the same file: both engines approximate the same dequantized
   weights, llama.cpp with 8-bit activations, the torch CPU path with bf16 activations: rel < 0.06,
   KL < 2e-3 per position (measured 3-10x lower; a wrong layout or RoPE style gives rel ~1).
+* MoE architectures (``MOE``), quantized: routing is discontinuous -- where a token's two best
+  experts are nearly tied, the engines' slightly different roundings can choose differently and that
+  position's logits then differ by ~0.1-0.3 (measured on the tiny DeepSeek: 2 of 24 positions). So
+  per position: the median rel < 0.06, at most 3 positions over 0.06, and mean KL < 2e-3.
 * KV cache: prefill + step decode (and chunked prefill longer than gemma3's 4-token window, which
   goes through the ring buffer) equals one full forward pass to 1e-5.
 """
@@ -22,7 +26,8 @@ import torch
 
 import _tiny_models
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 TOKENS = [int(t) for t in np.random.default_rng(11).integers(3, 300, size=24)]
 
 
@@ -87,6 +92,12 @@ def test_arch_parity(tiny, tmp_path, arch):
             r_hf = rel(ref_hf, got)
             line += f" | vs transformers rel={r_hf:.2e}"
             if not (r_hf < 1e-4 and r_lc < 2e-3):
+                failures.append(line)
+        elif arch in MOE:
+            per = np.linalg.norm(got - ref_lc, axis=-1) / np.linalg.norm(ref_lc, axis=-1)
+            flips = int((per > 0.06).sum())
+            line += f" | per position: median rel={np.median(per):.2e}, {flips} over 0.06"
+            if not (np.median(per) < 0.06 and flips <= 3 and k_lc < 2e-3):
                 failures.append(line)
         elif not (r_lc < 0.06 and k_lc < 2e-3):
             failures.append(line)

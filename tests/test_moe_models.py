@@ -1,5 +1,6 @@
-"""MoE architectures end to end (Mixtral, Qwen2-MoE, Qwen3-MoE): routing identical to transformers,
-greedy text identical between the two backends, and configs stock llama.cpp cannot run.
+"""MoE architectures end to end (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3): routing identical to
+transformers, greedy text identical between the two backends, MLA's latent cache, and configs stock
+llama.cpp cannot run.
 
 Logit parity of these architectures (F32 / Q8_0 / Q4_0, both backends vs transformers) is in the
 architecture tables of tests/test_models.py and tests/test_convert_parity.py; here:
@@ -21,7 +22,7 @@ import torch
 
 import _tiny_models
 
-MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 TOKENS = [int(t) for t in np.random.default_rng(5).integers(3, 300, size=20)]
 
 
@@ -74,7 +75,7 @@ def test_experts_chosen_per_token_equal_transformers(ckpts, tmp_path, arch):
     assert len(routes) == len(ref_routes) > 0 and all(same) and rel < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_greedy_text_equal_in_both_backends(ckpts, tmp_path, arch):
     from edgeinfer.backend import LoadOptions, SamplingParams
     from edgeinfer.backends import load_backend
@@ -126,3 +127,47 @@ def test_config_llama_cpp_cannot_run_needs_torch_only(tmp_path, capsys):
             temperature=0, max_tokens=4)))[-1].timings.generated_tokens > 0
     finally:
         b.close()
+
+
+def test_mla_caches_the_latent_only(ckpts, tmp_path):
+    """DeepSeek's cache holds kv_lora_rank + qk_rope_head_dim values per token and layer; step
+    decoding through it equals one full pass."""
+    import json
+
+    from edgeinfer.engine.loader import load_model
+    from edgeinfer.quant.convert import convert
+
+    cfg = json.loads((ckpts["deepseek_v3"] / "config.json").read_text())
+    path = convert(ckpts["deepseek_v3"], tmp_path / "ds.gguf", "F32")
+    model, _ = load_model(path, torch.device("cpu"), 64)
+    per_token = model.cache_bytes_per_token()
+    latent = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * cfg["num_hidden_layers"] * 4  # float32 on CPU
+    plain = 2 * cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) * \
+        cfg["num_hidden_layers"] * 4  # what caching full per-head K and V would cost (v padded to k's width)
+    full = model(torch.tensor([TOKENS]), 0)[0]
+    model.setup(64, "cpu")
+    steps = torch.cat([model(torch.tensor([TOKENS[:5]]), 0)[0]] +
+                      [model(torch.tensor([[t]]), i)[0] for i, t in enumerate(TOKENS[5:], start=5)])
+    err = float((steps - full).abs().max() / full.abs().max())
+    print(f"MLA cache: {per_token} bytes/token (latent {latent}; full K/V would be {plain}); "
+          f"step decode vs full pass {err:.1e}")
+    assert per_token == latent and err < 1e-5
+
+
+def test_deepseek_rotate_half_layout_is_permuted(tmp_path):
+    """rope_interleave=False (HF's rotate-half RoPE): the converter reorders the rope rows of q_b and
+    kv_a into ggml's adjacent pairs, so both engines still match transformers."""
+    from edgeinfer.engine.loader import load_model
+    from edgeinfer.quant.convert import convert
+
+    folder = _tiny_models.make_tiny_checkpoint("deepseek_v3", tmp_path / "ck", rope_interleave=False)
+    _, ref = _hf_routes(folder)
+    path = convert(folder, tmp_path / "ds.gguf", "F32")
+    model, _ = load_model(path, torch.device("cpu"), 64)
+    got = model(torch.tensor([TOKENS]), 0)[0].double().numpy()
+    import test_convert_parity
+
+    lc = test_convert_parity.llama_logits(path, TOKENS)
+    r_t, r_l = (float(np.linalg.norm(x - ref) / np.linalg.norm(ref)) for x in (got, lc))
+    print(f"rope_interleave=False: torch engine vs transformers rel {r_t:.1e}, llama.cpp vs transformers {r_l:.1e}")
+    assert r_t < 1e-4 and r_l < 2e-3

@@ -8,6 +8,7 @@ spec decides and when is described in :mod:`edgeinfer.quant.spec`.
 from __future__ import annotations
 
 from edgeinfer.errors import ConversionError
+from edgeinfer.quant.archs.deepseek import DeepseekV3Spec
 from edgeinfer.quant.archs.gemma3 import Gemma3Spec
 from edgeinfer.quant.archs.llama import LlamaSpec, MistralSpec, MixtralSpec
 from edgeinfer.quant.archs.qwen import Qwen2MoeSpec, Qwen2Spec, Qwen3MoeSpec, Qwen3Spec
@@ -22,6 +23,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     Qwen2MoeSpec(),
     Qwen3MoeSpec(),
     Gemma3Spec(),
+    DeepseekV3Spec(),
 )
 
 __all__ = ["ARCHS", "ArchContext", "ArchSpec", "find_arch", "text_config"]
