@@ -23,6 +23,9 @@ class LoadOptions:
         n_gpu_layers: layers offloaded to the GPU (llama.cpp; -1 = all, 0 = none).
         device: ``auto``, ``cuda``, ``mps`` or ``cpu`` (torch engine).
         seed: default RNG seed for sampling.
+        n_cpu_moe: keep the MoE expert weights of the first ``n_cpu_moe`` layers in host memory
+            (llama.cpp's ``--n-cpu-moe``; :data:`ALL_LAYERS` = every layer, ``--cpu-moe``); the rest
+            of the model stays on the GPU. Changes nothing on a CPU-only machine.
     """
 
     n_ctx: int = 4096
@@ -30,6 +33,11 @@ class LoadOptions:
     n_gpu_layers: int = -1
     device: str = "auto"
     seed: int = 0
+    n_cpu_moe: int = 0
+
+
+#: ``LoadOptions.n_cpu_moe`` for "the experts of every layer" (``--cpu-moe``).
+ALL_LAYERS = 1 << 30
 
 
 @dataclass

@@ -219,5 +219,8 @@ class QuantExpertLinear(nn.Module):
     def expert(self, e: int) -> QuantLinear:
         return self.experts[e]
 
+    def will_use(self, experts: list[int]) -> None:
+        """Nothing to prepare: every expert is resident (see :mod:`edgeinfer.kernels.expert_offload`)."""
+
     def nbytes(self) -> int:
         return sum(q.nbytes() for q in self.experts)

@@ -90,6 +90,10 @@ class ExpertLinear(nn.Module):
         """A callable computing expert ``e``'s projection: x [.., in] -> [.., out] float32."""
         return lambda x: torch.nn.functional.linear(x.float(), self.weight[e].float())
 
+    def will_use(self, experts: list[int]) -> None:
+        """Told which experts a batch chose before any is computed (an offloading replacement starts
+        copying them to the device here); nothing to do for weights that are all resident."""
+
 
 class Experts(nn.Module):
     """The routed experts' gated MLPs ``down_e(act(gate_e(x)) * up_e(x))``, grouped by expert.
@@ -109,6 +113,11 @@ class Experts(nn.Module):
         self.ffn_down_exps = ExpertLinear(n_expert, ffn_dim, dim)
         self.act = activation(act)
 
+    def projections(self) -> list:
+        """The expert projections (each with ``expert(e)`` and ``will_use(experts)``)."""
+        names = ("ffn_gate_up_exps",) if self.fused else ("ffn_gate_exps", "ffn_up_exps")
+        return [getattr(self, n) for n in (*names, "ffn_down_exps")]
+
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on the rows ``x`` [n, dim] -> [n, dim] float32."""
         if self.fused:
@@ -126,8 +135,11 @@ class Experts(nn.Module):
         experts, counts = torch.unique_consecutive(sorted_e, return_counts=True)
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
         wflat = w.reshape(-1, 1).float()
+        chosen = experts.tolist()
+        for proj in self.projections():
+            proj.will_use(chosen)
         start = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):  # only the chosen experts
+        for e, n in zip(chosen, counts.tolist()):  # only the chosen experts
             slots = order[start:start + n]
             tok = slots // k
             out.index_add_(0, tok, self.one(e, x[tok]) * wflat[slots])

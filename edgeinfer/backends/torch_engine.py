@@ -68,7 +68,8 @@ class TorchBackend(LlamaCppVocab):
             torch.set_num_threads(self.n_threads)
         self.n_ctx = n_ctx = context_size(self.header, opts.n_ctx)
         t0 = time.perf_counter()
-        self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics)
+        self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics,
+                                             offload_layers=opts.n_cpu_moe)
         self._vocab_llm = load_vocab_model(self.header)
         self.load_s = time.perf_counter() - t0
         self._init_vocab(self._vocab_llm)
@@ -90,7 +91,7 @@ class TorchBackend(LlamaCppVocab):
     def info(self) -> ModelInfo:
         return self._model_info(self.device_label(), self.n_ctx, {
             "threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
-            "weight_bytes": self.report.weight_bytes})
+            "weight_bytes": self.report.weight_bytes, "offloaded_expert_bytes": self.report.offloaded_bytes})
 
     def memory_bytes(self) -> dict:
         dev, peak = 0, _peak_rss()

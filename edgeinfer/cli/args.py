@@ -42,6 +42,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="device for the torch engine; llama.cpp offloads to a GPU unless 'cpu'")
     g.add_argument("--gpu-layers", type=int, default=-1, help="llama.cpp: layers to offload (-1 = all)")
+    moe = g.add_mutually_exclusive_group()
+    moe.add_argument("--cpu-moe", action="store_true",
+                     help="MoE models: keep every expert in host memory, the rest on the GPU (saves VRAM)")
+    moe.add_argument("--n-cpu-moe", type=_num(int, 0), default=0, metavar="N",
+                     help="MoE models: keep the experts of the first N layers in host memory")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,8 +67,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_options(args):
     from edgeinfer.backend import LoadOptions
 
+    from edgeinfer.backend import ALL_LAYERS
+
     return LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                       device=args.device, seed=args.seed)
+                       device=args.device, seed=args.seed,
+                       n_cpu_moe=ALL_LAYERS if getattr(args, "cpu_moe", False) else getattr(args, "n_cpu_moe", 0))
 
 
 def sampling_params(args):

@@ -32,13 +32,17 @@ from edgeinfer.errors import BackendError, InvalidModelError
 from edgeinfer.gguf_check import GGUFFile, validate_gguf
 from edgeinfer.kernels import ggml_numerics
 from edgeinfer.kernels.dequant import SUPPORTED, dequantize, row_bytes
+from edgeinfer.kernels.expert_offload import OffloadedExpertLinear
 from edgeinfer.kernels.qlinear import QuantEmbedding, QuantExpertLinear, QuantLinear, fuse
 from edgeinfer.models.base import Attention, Transformer
-from edgeinfer.models.moe import ExpertLinear
+from edgeinfer.models.moe import ExpertLinear, Routing
 from edgeinfer.models.registry import architecture
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
+
+#: Tests only: apply expert offload on a CPU device too (where it is otherwise a no-op), to run its logic.
+OFFLOAD_ON_CPU = False
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -61,6 +65,7 @@ class LoadReport:
 
     paths: Counter = field(default_factory=Counter)
     weight_bytes: int = 0
+    offloaded_bytes: int = 0  # expert weights kept in host memory (--cpu-moe)
 
 
 def _raw(mm: np.ndarray, h: GGUFFile, name: str, t) -> torch.Tensor:
@@ -99,6 +104,8 @@ class _Ctx:
     report: LoadReport
     model: Transformer
     used: set = field(default_factory=set)
+    offload_layers: int = 0  # experts of layers < this stay in host memory (--cpu-moe / --n-cpu-moe)
+    expert_cache: int = 0  # experts per projection kept on the device when offloading (0: 2 x top-k)
 
     def tensor(self, name: str, want: tuple[int, ...] | None = None):
         """The GGUF tensor ``name`` (ggml order shape checked against ``want``), marked used."""
@@ -140,9 +147,19 @@ def _swap_embedding(c: _Ctx, mod: nn.Embedding, gname: str) -> QuantEmbedding:
     return QuantEmbedding(_raw(c.mm, c.header, name, t), t.qtype, mod.embedding_dim, c.device)
 
 
-def _swap_experts(c: _Ctx, mod: ExpertLinear, gname: str) -> QuantExpertLinear:
+def _swap_experts(c: _Ctx, mod: ExpertLinear, gname: str) -> nn.Module:
     name, t = c.tensor(gname + ".weight", (mod.in_features, mod.out_features, mod.n_expert))
-    q = QuantExpertLinear(_raw(c.mm, c.header, name, t), t.qtype, mod.n_expert, mod.out_features, mod.in_features,
+    layer = int(gname.split(".")[1]) if gname.startswith("blk.") else 0
+    raw = _raw(c.mm, c.header, name, t)
+    if layer < c.offload_layers and (c.device.type != "cpu" or OFFLOAD_ON_CPU):
+        top_k = max((m.routing.top_k for m in c.model.modules() if isinstance(getattr(m, "routing", None), Routing)),
+                    default=8)
+        q = OffloadedExpertLinear(raw, t.qtype, mod.n_expert, mod.out_features, mod.in_features, c.device, name,
+                                  c.numerics, cache_size=c.expert_cache or 2 * top_k)
+        c.report.paths[f"{t.qtype.name}:{q.path}"] += mod.n_expert
+        c.report.offloaded_bytes += t.nbytes
+        return q
+    q = QuantExpertLinear(raw, t.qtype, mod.n_expert, mod.out_features, mod.in_features,
                           c.device, name, numerics=c.numerics)
     c.report.paths[f"{t.qtype.name}:{q.path}"] += mod.n_expert
     c.report.weight_bytes += q.nbytes()
@@ -180,8 +197,13 @@ def _fuse(model: nn.Module) -> None:
 
 
 def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
-               header: GGUFFile | None = None, numerics: str = "fast") -> tuple[Transformer, LoadReport]:
+               header: GGUFFile | None = None, numerics: str = "fast", offload_layers: int = 0,
+               expert_cache: int = 0) -> tuple[Transformer, LoadReport]:
     """Build the model of GGUF ``path`` on ``device`` with caches for ``n_ctx`` positions.
+
+    ``offload_layers``: the MoE experts of layers ``0 .. offload_layers - 1`` stay in host memory,
+    copied to the device on demand (:mod:`edgeinfer.kernels.expert_offload`; ``expert_cache`` per
+    projection stay cached there). On a CPU device everything is in host memory: nothing changes.
 
     ``numerics="llama.cpp"`` swaps in llama.cpp's roundings instead of the fast kernels
     (:mod:`edgeinfer.kernels.ggml_numerics`): 8-bit activation blocks in every quantized
@@ -205,7 +227,10 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     with torch.device("meta"):
         model = arch.build(args)
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
-    c = _Ctx(path, h, mm, tensors, device, numerics, LoadReport(), model)
+    c = _Ctx(path, h, mm, tensors, device, numerics, LoadReport(), model, offload_layers=offload_layers,
+             expert_cache=expert_cache)
+    if offload_layers and device.type == "cpu" and not OFFLOAD_ON_CPU:
+        log.info("expert offload: on a CPU device every expert is in host memory already; nothing to offload")
     _swap_modules(c, model)
     floats = {}
     for pname, p in model.named_parameters():
