@@ -22,7 +22,9 @@ def raw_llama_cpp(path: str, threads: int, n: int, prompt_text: str) -> float:
     """Decode tok/s of a bare llama_cpp.Llama.generate loop (the reference)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    from edgeinfer.backends.llama_placement import open_llama
+
+    llm = open_llama(path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     toks = llm.tokenize(prompt_text.encode(), add_bos=True, special=True)
     vocab = llm._model.vocab
     count, t_first = 0, None
