@@ -93,7 +93,7 @@ class Runner:
         self.model = lc.llama_model_load_from_file(path.encode("utf-8"), mp)
         del keep
         if not self.model:
-            raise LoadError(f"llama.cpp could not load {path}: {self._log_error()}")
+            raise LoadError(self._log_error())
         n_seq = max(1, int(msg.get("n_seq", 1)))
         n_ctx = int(msg["n_ctx"])
         cp = lc.llama_context_default_params()
@@ -104,8 +104,7 @@ class Runner:
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama does by default
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise LoadError(f"llama.cpp could not create a context of {n_ctx} x {n_seq} tokens for {path}: "
-                            f"{self._log_error()}")
+            raise LoadError(f"no context of {n_ctx} x {n_seq} tokens: {self._log_error()}")
         self.n_ctx_seq = int(lc.llama_n_ctx_seq(self.ctx))
         self.engine = SlotEngine(lc, self.model, self.ctx, n_seq, cp.n_batch, self.n_ctx_seq, writer.send)
         load_log = self.log.stop_capture()
@@ -115,8 +114,13 @@ class Runner:
                      "system_info": lc.llama_print_system_info().decode("utf-8", errors="replace").strip()})
 
     def _log_error(self) -> str:
-        lines = [ln.strip() for ln in (self.log.capture or []) if "error" in ln.lower() or "failed" in ln.lower()]
-        return lines[-1] if lines else "see the log with --debug"
+        """The first line of llama.cpp's log that says what went wrong (e.g. ``missing tensor 'blk.30...'``)."""
+        lines = [ln.strip() for ln in (self.log.capture or [])]
+        for key in ("error loading model", "error", "failed"):
+            hit = next((ln for ln in lines if key in ln.lower()), None)
+            if hit:
+                return hit.split("error loading model: ", 1)[-1]
+        return "llama.cpp gave no reason (run with --debug to see its log)"
 
     def handle(self, msg: dict) -> bool:
         """Act on one request; False means exit."""

@@ -104,8 +104,7 @@ class LlamaCppBackend(LlamaCppVocab):
             runner.wait_ready(LOAD_TIMEOUT_S)
         except RunnerLoadError as e:
             runner.close()
-            raise BackendError(f"{self.path}: {e}; architecture {self.header.architecture!r} may be unsupported "
-                               "by this llama.cpp") from None
+            raise BackendError(f"{self.path}: llama.cpp could not load the model ({e})") from None
         except RunnerDied as e:
             runner.close()
             raise BackendCrashedError(self.crash_message(e, doing)) from None
