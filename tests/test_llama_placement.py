@@ -17,7 +17,7 @@ from edgeinfer.backend import LoadOptions, SamplingParams
 from edgeinfer.backends.llama_placement import (BufferPolicy, CpuReport, TensorOverride, group_patterns,
                                                 plan_placement)
 from edgeinfer.errors import EdgeinferError
-from edgeinfer.gguf_check import TensorEntry, validate_gguf
+from edgeinfer.gguf_check import TensorEntry
 
 Q = gguf.GGMLQuantizationType
 NO_AMX = CpuReport(("CPU_REPACK",), {"AVX2": "1", "REPACK": "1"})
@@ -161,21 +161,20 @@ def test_amx_excluding_plan_reproduces_llama_cpps_repack_choice(q4_0_gguf):
     assert safe_text == stock_text, (safe_text, stock_text)
 
 
-def test_probe_agrees_with_the_load_log(q4_0_gguf):
-    """The probe's verdict summed over the file equals the CPU_REPACK buffer llama.cpp reports."""
+def test_inspect_buffers_predicts_what_llama_cpp_loads(q4_0_gguf):
+    """`inspect --buffers` (the probe, nothing loaded) predicts the CPU_REPACK buffer llama.cpp reports
+    when it loads the file in the runner, under this machine's real policy."""
     from edgeinfer.backends.ggml_registry import ggml
+    from edgeinfer.cli.inspect import buffer_plan, render_buffers
 
-    real = CpuReport.query()
-    if "CPU_REPACK" not in real.extra:
-        pytest.skip("this CPU has no CPU_REPACK buffer type")
-    plan = plan_placement(CpuReport(("AMX",) + real.extra), BufferPolicy(), validate_gguf(q4_0_gguf).tensors)
-    h = validate_gguf(q4_0_gguf)
-    placed = _placed(plan, [t.name for t in h.tensors])
-    n_bytes = sum(t.nbytes for t in h.tensors if placed[t.name] == "CPU_REPACK")
+    plan = buffer_plan(q4_0_gguf, with_tensors=True)
+    print(render_buffers(plan))
+    predicted = plan["buffers"].get("CPU_REPACK", {"tensors": 0, "bytes": 0})
     b = _load(q4_0_gguf)
     logged = b.info().extra["buffers"].get("CPU_REPACK", 0)
     b.close()
-    print(f"probe: {sum(v == 'CPU_REPACK' for v in placed.values())} tensors, {n_bytes} bytes; "
-          f"llama.cpp's log: {logged} bytes (rounded to 0.01 MiB)")
-    assert abs(n_bytes - logged) <= 0.01 * 2**20 + 64 * len(h.tensors)
+    print(f"predicted {predicted}; llama.cpp's log: {logged} bytes (rounded to 0.01 MiB)")
+    assert abs(predicted["bytes"] - logged) <= 0.01 * 2**20 + 64 * predicted["tensors"]
+    if "CPU_REPACK" in CpuReport.query().extra:
+        assert predicted["tensors"] == 210 and plan["tensor_buffers"]["token_embd.weight"] == "CPU"
     assert ggml().supports_weight("CPU_REPACK", int(Q.Q4_1), (576, 576)) is False  # Q4_1 has no repacked layout

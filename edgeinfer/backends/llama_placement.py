@@ -195,6 +195,26 @@ def plan_placement(report: CpuReport, policy: BufferPolicy, tensors: Iterable = 
     return Placement(False, ours + tuple(user), tuple(chosen), excluded, why)
 
 
+def predict_buffers(placement: Placement, report: CpuReport, tensors: Iterable, *,
+                    supports: Supports | None = None, n_expert_used: int = 0) -> dict[str, str]:
+    """Tensor name -> the buffer type llama.cpp will put it in under ``placement`` (CPU only, no GPU).
+
+    Overrides first (first match), else with ``use_extra_bufts`` the first extra buffer type that
+    supports the weight, else ``CPU`` -- llama.cpp's rule (``select_weight_buft``).
+    """
+    if supports is None:
+        supports = _ggml_supports(n_expert_used)
+    out = {}
+    for t in tensors:
+        buft = next((o.buffer_type for o in placement.overrides if re.search(o.pattern, t.name)), None)
+        candidates = report.extra if (buft == "CPU" or buft is None) and placement.use_extra_bufts else ()
+        if buft is None or buft == "CPU":
+            weight = _MATMUL_RE.match(t.name) or _EXPERT_RE.match(t.name)
+            buft = next((b for b in candidates if weight and supports(b, t)), "CPU")
+        out[t.name] = buft
+    return out
+
+
 def _ggml_supports(n_expert_used: int) -> Supports:
     from edgeinfer.backends.ggml_registry import ggml
 
