@@ -151,7 +151,7 @@ def test_sequences_of_one_runner_decode_together_like_alone(default_gguf, backen
     r = RunnerProcess({"path": str(default_gguf), "n_ctx": 1024, "n_seq": 2, "n_threads": 2,
                        "policy": {"allow_amx": False, "allow_extra": True}})
     try:
-        info = r.wait_ready(120)
+        info = r.wait_ready()
         assert info["n_seq"] == 2 and info["n_ctx"] == 1024
         ids = [r.submit(toks, 20, sampling_dict(GREEDY), 0) for toks in prompts]
         together = [[m["tok"] for m in r.events(i) if m["ev"] == "tok"] for i in ids]

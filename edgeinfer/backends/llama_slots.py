@@ -13,6 +13,7 @@ so the same seed gives the same tokens as ``llama_cpp.Llama.generate``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,6 +40,9 @@ class Slot:
     sampler: object = None
     n_gen: int = 0
     n_reused: int = 0
+    t_start: float = 0.0  # when the request got this slot
+    t_first: float = 0.0  # when its first token was sampled
+    t_last: float = 0.0
     out_index: int = -1  # row of this slot's logits in the current batch, -1 if none
 
 
@@ -102,6 +106,7 @@ class SlotEngine:
         slot.cached = req.tokens[:keep]
         slot.pending = req.tokens[keep:]
         slot.req, slot.n_gen, slot.n_reused, slot.next_tok = req, 0, keep, None
+        slot.t_start = slot.t_first = slot.t_last = time.perf_counter()
         slot.sampler = self._sampler(req.sampling, req.seed)
 
     def _sampler(self, s: dict, seed: int):
@@ -126,7 +131,8 @@ class SlotEngine:
         if slot.sampler is not None:
             self.lc.llama_sampler_free(slot.sampler)
         slot.req, slot.sampler, slot.pending, slot.next_tok, slot.out_index = None, None, [], None, -1
-        self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused})
+        self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused, "n_gen": slot.n_gen,
+                   "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first})
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> None:
@@ -174,6 +180,9 @@ class SlotEngine:
                 continue
             tok = self.lc.llama_sampler_sample(s.sampler, self.ctx, s.out_index)
             s.n_gen += 1
+            s.t_last = time.perf_counter()
+            if s.n_gen == 1:
+                s.t_first = s.t_last
             self.emit({"ev": "tok", "id": s.req.id, "tok": tok})
             if self.lc.llama_vocab_is_eog(self.vocab, tok):
                 self._finish(s, "eog")

@@ -31,7 +31,7 @@ from edgeinfer.backends.runner_protocol import sampling_dict
 from edgeinfer.errors import BackendCrashedError, BackendError, InvalidModelError
 from edgeinfer.gguf_check import validate_gguf
 
-LOAD_TIMEOUT_S = 600.0  # a runner that neither loads nor fails within this is killed
+LOAD_TIMEOUT_S = 1800.0  # a runner that neither loads nor fails within this (a hang) is killed
 
 
 def check_known_architecture(h) -> None:
@@ -80,7 +80,7 @@ class LlamaCppBackend(LlamaCppVocab):
         self._current: int | None = None
         self._start_lock = threading.Lock()
         t0 = time.perf_counter()
-        runner = RunnerProcess(self._load, child_env())  # it loads while we read the vocabulary
+        runner = RunnerProcess(self._load, child_env(), LOAD_TIMEOUT_S)  # it loads while we read the vocabulary
         try:
             import llama_cpp
 
@@ -101,7 +101,7 @@ class LlamaCppBackend(LlamaCppVocab):
     # -- the runner ------------------------------------------------------------------------------
     def _wait(self, runner: RunnerProcess, doing: str) -> RunnerProcess:
         try:
-            runner.wait_ready(LOAD_TIMEOUT_S)
+            runner.wait_ready()
         except RunnerLoadError as e:
             runner.close()
             raise BackendError(f"{self.path}: llama.cpp could not load the model ({e})") from None
@@ -113,12 +113,12 @@ class LlamaCppBackend(LlamaCppVocab):
     def _ensure_runner(self) -> RunnerProcess:
         """The live runner; a new one if the last one died (the next request after a crash)."""
         with self._start_lock:
-            if self.runner is None or self.runner.dead:
+            if self.runner is None or self.runner.exited:
                 if self.runner is not None:
                     self.runner.close()
                     self.restarts += 1
                 self.runner = None
-                self.runner = self._wait(RunnerProcess(self._load, child_env()), "loading")
+                self.runner = self._wait(RunnerProcess(self._load, child_env(), LOAD_TIMEOUT_S), "loading")
             return self.runner
 
     @property

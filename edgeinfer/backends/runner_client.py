@@ -5,8 +5,8 @@ frames (:mod:`edgeinfer.backends.runner_protocol`) on stdin/stdout, and stderr, 
 are kept (llama.cpp's warnings, a ``GGML_ASSERT``, the Python stack faulthandler prints on a
 crash) and logged at debug level -- never written to the terminal, which may belong to the TUI.
 
-One reader thread routes events to a queue per request id. When the pipe closes the runner is
-gone: every waiting request gets :class:`RunnerDied` with the exit status in words
+Events go to a queue per request id. When the pipe closes the runner is gone: every waiting
+request gets :class:`RunnerDied` with the exit status in words
 (``SIGSEGV (segmentation fault)``, ``SIGKILL (killed; out of memory?)``, ``exit code 1``).
 """
 
@@ -69,32 +69,48 @@ def _interesting(line: str) -> bool:
     return not s.startswith(_NOT_DETAIL) and any(k in s for k in ("GGML_ASSERT", "GGML_ABORT", "error", "failed"))
 
 
-class RunnerProcess:
-    """One runner process. Thread-safe: requests may be submitted and read from several threads."""
+_READY = 0  # the queue of the load answer (request ids start at 1)
 
-    def __init__(self, load: dict, env: dict | None = None):
-        """Start the runner and send it ``load`` (see runner_protocol); :meth:`wait_ready` waits for the answer."""
+
+class RunnerProcess:
+    """One runner process. Thread-safe: requests may be submitted and read from several threads.
+
+    There is no reader thread: a thread waiting for an event reads the pipe itself when no other
+    thread is reading, and hands events of other requests to their queues (leader/follower). A
+    single generation thus costs one wake-up per token in this process.
+    """
+
+    def __init__(self, load: dict, env: dict | None = None, load_timeout: float | None = None):
+        """Start the runner and send it ``load`` (see runner_protocol); :meth:`wait_ready` waits for the answer.
+
+        ``load_timeout``: kill the runner if it has not answered the load request by then.
+        """
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.backends.llama_runner"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      bufsize=0, close_fds=True, env=env)
         self.pid = self.proc.pid
         self._writer = FrameWriter(self.proc.stdin.fileno())
         self._reader = FrameReader(self.proc.stdout.fileno())
-        self._queues: dict[int, queue.SimpleQueue] = {}
-        self._qlock = threading.Lock()
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[int, queue.SimpleQueue] = {_READY: queue.SimpleQueue()}
+        self._cv = threading.Condition()
+        self._reading = False
         self._ids = itertools.count(1)
         self.stderr_tail: deque[str] = deque(maxlen=60)
         self.dead = False
         self.death: RunnerDied | None = None
         self.info: dict = {}
+        self._timed_out = None
+        self._watchdog = None
+        if load_timeout:
+            self._watchdog = threading.Timer(load_timeout, self._load_timed_out, (load_timeout,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
         self._stderr_thread = threading.Thread(target=self._stderr_loop, name=f"runner-{self.pid}-stderr",
                                                daemon=True)
         self._stderr_thread.start()
-        threading.Thread(target=self._read_loop, name=f"runner-{self.pid}-events", daemon=True).start()
         self._send({"op": "load", **load})
 
-    # -- threads ---------------------------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------------------------
     def _stderr_loop(self) -> None:
         for raw in iter(self.proc.stderr.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
@@ -102,24 +118,51 @@ class RunnerProcess:
                 self.stderr_tail.append(line)
                 log.debug("runner %d: %s", self.pid, line)
 
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                msg = self._reader.recv()
-                if msg is None:
-                    break
-                rid = msg.get("id")
-                if msg.get("ev") == "ready" or (msg.get("ev") == "error" and rid is None):
-                    self._ready.put(msg)
+    def _load_timed_out(self, seconds: float) -> None:
+        if not self.info and self.proc.poll() is None:
+            self._timed_out = f"no answer to the load request within {seconds:.0f} s"
+            self.proc.kill()
+
+    def _next(self, key: int) -> dict:
+        """The next message for queue ``key``, reading the pipe ourselves if no other thread is."""
+        q = self._queues[key]
+        while True:
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+            with self._cv:
+                if self._reading or not q.empty():
+                    if self._reading:
+                        self._cv.wait()  # the reader delivers to our queue, or stops reading
                     continue
-                with self._qlock:
-                    q = self._queues.get(rid)
-                if q is not None:
-                    q.put(msg)  # events of forgotten (cancelled) requests are dropped
+                self._reading = True
+            try:
+                self._read_one()
+            finally:
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()
+
+    def _read_one(self) -> None:
+        """Read one frame and put it into its request's queue (events of forgotten requests are dropped)."""
+        if self.dead:
+            return
+        try:
+            msg = self._reader.recv()
         except (ProtocolError, OSError) as e:
             log.warning("runner %d: %s; stopping it", self.pid, e)
             self.proc.kill()
-        self._on_death()
+            msg = None
+        if msg is None:
+            self._on_death()
+            return
+        rid = msg.get("id")
+        if msg.get("ev") == "ready" or (msg.get("ev") == "error" and rid is None):
+            rid = _READY
+        q = self._queues.get(rid)
+        if q is not None:
+            q.put(msg)
 
     def _on_death(self) -> None:
         try:
@@ -129,32 +172,33 @@ class RunnerProcess:
             rc = self.proc.wait()
         self._stderr_thread.join(timeout=2)
         detail = next((ln.strip() for ln in reversed(self.stderr_tail) if _interesting(ln)), "")
-        self.death = RunnerDied(exit_reason(rc), detail)
+        self.death = RunnerDied(self._timed_out or exit_reason(rc), detail)
         self.dead = True
-        self._ready.put(_DEAD)
-        with self._qlock:
-            for q in self._queues.values():
-                q.put(_DEAD)
+        for q in list(self._queues.values()):
+            q.put(_DEAD)
+
+    @property
+    def exited(self) -> bool:
+        """True once the runner process is gone (noticed or not)."""
+        return self.dead or self.proc.poll() is not None
 
     # -- requests --------------------------------------------------------------------------------
     def _send(self, msg: dict) -> None:
         try:
             self._writer.send(msg)
         except OSError:
-            pass  # the runner is gone; the reader thread reports how
+            pass  # the runner is gone; reading says how
 
-    def wait_ready(self, timeout: float | None = None) -> dict:
+    def wait_ready(self) -> dict:
         """The runner's ``ready`` event.
 
         Raises:
             RunnerLoadError: the runner could not load the model (its message).
-            RunnerDied: it died while loading.
+            RunnerDied: it died (or timed out) while loading.
         """
-        try:
-            msg = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise RunnerDied(f"no answer within {timeout:.0f} s") from None
+        msg = self._next(_READY)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if msg is _DEAD:
             raise self.death
         if msg.get("ev") == "error":
@@ -166,19 +210,17 @@ class RunnerProcess:
         """Start a generation; returns its request id (read it with :meth:`events`)."""
         rid = next(self._ids)
         q: queue.SimpleQueue = queue.SimpleQueue()
-        with self._qlock:
-            self._queues[rid] = q
-            if self.dead:
-                q.put(_DEAD)
+        self._queues[rid] = q
+        if self.dead:
+            q.put(_DEAD)
         self._send({"op": "generate", "id": rid, "tokens": tokens, "n_max": n_max, "sampling": sampling,
                     "seed": seed})
         return rid
 
     def events(self, rid: int) -> Iterator[dict]:
         """The ``tok`` events of request ``rid``, then its ``end`` or ``error`` event; raises :class:`RunnerDied`."""
-        q = self._queues[rid]
         while True:
-            msg = q.get()
+            msg = self._next(rid)
             if msg is _DEAD:
                 raise self.death
             yield msg
@@ -192,8 +234,7 @@ class RunnerProcess:
 
     def forget(self, rid: int) -> None:
         """Drop request ``rid``'s queue; later events for it are discarded."""
-        with self._qlock:
-            self._queues.pop(rid, None)
+        self._queues.pop(rid, None)
 
     # -- the process -----------------------------------------------------------------------------
     def memory(self) -> dict:

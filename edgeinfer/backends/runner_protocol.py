@@ -22,7 +22,8 @@ Runner -> parent (``ev``):
   llama.cpp's load log), ``placement`` (one line), ``system_info``.
 * ``tok``: ``id``, ``tok`` (one sampled token id).
 * ``end``: ``id``, ``reason`` (``eog``, ``length``, ``context``, ``cancelled``), ``n_cached``
-  (prompt tokens whose K/V were reused).
+  (prompt tokens whose K/V were reused), ``n_gen``, ``prefill_s`` and ``decode_s`` (the runner's
+  own clock: slot start to first token, first to last token).
 * ``error``: ``id`` (null for load errors), ``message``.
 """
 
