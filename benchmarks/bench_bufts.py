@@ -81,14 +81,15 @@ def main() -> None:
                 res[name][0].append(pf)
                 res[name][1].append(dc)
                 print(f"  run {r + 1} {name:9s} prefill {pf:7.1f} tok/s  decode {dc:6.1f} tok/s")
-        med = {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in res.items()}
+        med = {n: (statistics.median(a), statistics.median(b), max(a), max(b)) for n, (a, b) in res.items()}
         rows.append((path, med))
-    print(f"\nthreads {args.threads}, prompt {args.prompt} tokens, decode {args.gen} tokens, medians of {args.runs}")
-    print(f"{'model':40s} {'placement':10s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'vs plain':>18s}")
+    print(f"\nthreads {args.threads}, prompt {args.prompt} tokens, decode {args.gen} tokens, {args.runs} runs: "
+          "median (best)")
+    print(f"{'model':36s} {'placement':10s} {'prefill tok/s':>18s} {'decode tok/s':>16s} {'median vs plain':>18s}")
     for path, med in rows:
         base = med["plain"]
-        for name, (pf, dc) in med.items():
-            print(f"{path.rsplit('/', 1)[-1][:40]:40s} {name:10s} {pf:14.1f} {dc:13.1f} "
+        for name, (pf, dc, pf_best, dc_best) in med.items():
+            print(f"{path.rsplit('/', 1)[-1][:36]:36s} {name:10s} {pf:9.1f} ({pf_best:6.1f}) {dc:7.1f} ({dc_best:6.1f}) "
                   f"{pf / base[0]:8.2f}x {dc / base[1]:7.2f}x")
 
 
