@@ -122,10 +122,10 @@ def main() -> int:
                     help="llama.cpp layers on the GPU (default: 0 with --device cpu, else all)")
     args = ap.parse_args()
 
-    import llama_cpp
     import torch
 
     from edgeinfer.backend import LoadOptions
+    from edgeinfer.backends.llama_placement import open_llama
     from edgeinfer.backends.common import default_threads
     from edgeinfer.backends.torch_engine import TorchBackend
     from edgeinfer.resolve import resolve_model
@@ -134,7 +134,7 @@ def main() -> int:
     threads = args.threads or default_threads()
     n_ctx = args.prompt + args.gen + 8
     tb = TorchBackend(path, LoadOptions(n_ctx=n_ctx, n_threads=threads, device=args.device))
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+    llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                           n_batch=max(512, args.prompt), verbose=False,
                           n_gpu_layers=args.llama_gpu_layers if args.llama_gpu_layers is not None
                           else (0 if args.device == "cpu" else -1))

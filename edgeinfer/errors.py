@@ -32,3 +32,8 @@ class TemplateError(EdgeinferError):
 
 class BackendError(EdgeinferError):
     """A backend cannot load or run a model."""
+
+
+class BackendCrashedError(BackendError):
+    """The process that runs a model died (a signal, an abort, out of memory). The next request
+    starts a new one; the message says what crashed, how, with which model, and what to try."""

@@ -47,8 +47,10 @@ class LlamaCppLogits:
         check_known_architecture(validate_gguf(path))
         import llama_cpp
 
+        from edgeinfer.backends.llama_placement import open_llama
+
         threads = n_threads or default_threads()
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
+        self.llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
                                    logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.llm._model.vocab))

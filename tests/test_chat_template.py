@@ -33,7 +33,7 @@ def _native_apply(template: str, messages, add_ass=True) -> str:
 def test_default_template_matches_llama_cpp_python(llama_default, chat):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    meta = llama_default.llm.metadata
+    meta = llama_default._vocab_llm.metadata
     tmpl = meta["tokenizer.chat_template"]
     ours = llama_default.format_chat(chat)
     ref = Jinja2ChatFormatter(tmpl, eos_token=llama_default._token_text(int(meta["tokenizer.ggml.eos_token_id"])),
@@ -47,7 +47,7 @@ def test_default_template_matches_native_llama_cpp(llama_default):
     # llama.cpp's C++ engine recognizes this template as ChatML; the model's Jinja template adds a
     # default system prompt when none is given, which the C++ engine does not, so compare with one.
     chat = CHATS[1]
-    tmpl = llama_default.llm.metadata["tokenizer.chat_template"]
+    tmpl = llama_default._vocab_llm.metadata["tokenizer.chat_template"]
     assert llama_default.format_chat(chat) == _native_apply(tmpl, chat)
 
 

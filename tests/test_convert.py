@@ -262,7 +262,7 @@ def test_safetensors_header_parser_rejects_overlapping_lengths(tmp_path):
 def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
     """gemma3's SentencePiece tokenizer: llama.cpp on our GGUF splits text exactly like sentencepiece."""
     import sentencepiece as spm
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
     from edgeinfer.quant.convert import convert
 
@@ -272,7 +272,7 @@ def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
     assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.add_space_prefix"] is False
     assert md["tokenizer.ggml.bos_token_id"] == 2 and md["tokenizer.ggml.eos_token_id"] == 1
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    llm = Llama(str(path), vocab_only=True, verbose=False)
+    llm = open_llama(str(path), vocab_only=True, verbose=False)
     texts = ["The quick brown fox", "café naïve 123 4567", "def add(a, b):\n    return a+b", "emoji 🚀 zürich ŁÓDŹ"]
     for text in texts:
         ours = llm.tokenize(text.encode(), add_bos=False, special=False)

@@ -107,9 +107,9 @@ def _mla_kv_b_round_trip(w: np.ndarray, folder, name: str, types: dict) -> np.nd
 
 
 def llama_logits(path, tokens) -> np.ndarray:
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
-    llm = Llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False,
+    llm = open_llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False,
                 type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
     try:
         llm.eval(tokens)

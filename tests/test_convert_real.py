@@ -47,12 +47,12 @@ def hf_tok(hf_default_checkpoint):
 
 
 def test_llama_cpp_tokenizes_like_hugging_face(converted, hf_tok):
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
     from edgeinfer.gguf_check import validate_gguf
 
     pre = validate_gguf(converted).metadata.get("tokenizer.ggml.pre")
-    llm = Llama(str(converted), vocab_only=True, verbose=False)
+    llm = open_llama(str(converted), vocab_only=True, verbose=False)
     bad = []
     for text in TEXTS:
         ours = llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -66,10 +66,10 @@ def test_llama_cpp_tokenizes_like_hugging_face(converted, hf_tok):
 
 
 def llama_greedy(path, ids: list[int], n: int) -> list[int]:
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
     # one thread: on a busy 2-core machine two llama.cpp threads spin-wait on each other (6x slower)
-    llm = Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = open_llama(str(path), n_ctx=256, n_threads=1, verbose=False)
     out: list[int] = []
     try:
         for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):

@@ -141,9 +141,9 @@ def test_llamacpp_numerics_parity_on_default_model(torch_lcpp, lcpp_stats):
 @pytest.mark.slow
 def test_llamacpp_reproducibility_floor(default_gguf, lcpp_tokens, lcpp_stats):
     # llama.cpp against itself: one-token decode steps (n_batch=1) vs one batched pass (~60 s)
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
-    llm = Llama(str(default_gguf), n_ctx=1024, n_threads=2, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
+    llm = open_llama(str(default_gguf), n_ctx=1024, n_threads=2, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
     try:
         llm.eval(lcpp_tokens)
         steps = np.array(llm.scores[:N_POS], dtype=np.float64)

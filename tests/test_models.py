@@ -50,9 +50,9 @@ def hf_logits(folder) -> np.ndarray:
 
 
 def llama_logits(path) -> np.ndarray:
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
-    llm = Llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = open_llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False, type_k=0, type_v=0)
     try:
         llm.eval(TOKENS)
         return np.array(llm.scores[: len(TOKENS)], dtype=np.float64)

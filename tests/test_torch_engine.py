@@ -49,10 +49,10 @@ def natural_text() -> str:
 
 def llama_logits(path, tokens, f32_kv: bool = False) -> np.ndarray:
     """llama.cpp's teacher-forced logits [len(tokens), vocab] (float64)."""
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
     kw = dict(type_k=0, type_v=0) if f32_kv else {}
-    llm = Llama(str(path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True, verbose=False, **kw)
+    llm = open_llama(str(path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True, verbose=False, **kw)
     try:
         llm.eval(list(tokens))
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -142,7 +142,7 @@ def f32_copy(default_gguf, tmp_path_factory):
 
 @pytest.mark.slow
 def test_f32_copy_exact_parity_and_greedy(f32_copy, text_tokens):
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
     from edgeinfer.backends.torch_engine import TorchBackend
 
@@ -152,7 +152,7 @@ def test_f32_copy_exact_parity_and_greedy(f32_copy, text_tokens):
         s = compare(llama_logits(f32_copy, text_tokens, f32_kv=True), tb.logits(text_tokens).double().numpy())
         print(f"F32 copy: rel err {s['rel']:.2e}, KL/pos mean {s['kl_mean']:.2e}, top-1 {s['top1']:.2%}")
         assert s["rel"] < 1e-4 and s["top1"] == 1.0
-        llm = Llama(str(f32_copy), n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0)
+        llm = open_llama(str(f32_copy), n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0)
         sp = SamplingParams(temperature=0, max_tokens=32)
         for p in PROMPTS:
             ours = [e.token_id for e in tb.generate([{"role": "user", "content": p}], sp) if not isinstance(e, DoneEvent)]

@@ -21,6 +21,15 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
 
 
+def _buffers_line(extra: dict) -> str:
+    """``\nweights: CPU_REPACK 57 MiB, CPU_Mapped 86 MiB (llama.cpp's choice...)`` for llama.cpp, else ''."""
+    bufs = extra.get("buffers")
+    if not bufs:
+        return ""
+    sizes = ", ".join(f"{name} {fmt_bytes_short(n)}" for name, n in sorted(bufs.items(), key=lambda kv: -kv[1]))
+    return f"\nweights: {sizes}" + (f" ({extra['placement']})" if extra.get("placement") else "")
+
+
 def main(args) -> int:
     from edgeinfer.backend import DoneEvent
     from edgeinfer.backends import load_backend
@@ -54,7 +63,8 @@ def main(args) -> int:
         if args.json:
             json.dump({"text": done.text, "finish_reason": done.finish_reason, "timings": t.as_dict(),
                        "model": info.name, "path": info.path, "backend": info.backend, "device": info.device,
-                       "load_s": info.load_s, "memory": mem}, sys.stdout, ensure_ascii=False)
+                       "load_s": info.load_s, "memory": mem, "extra": info.extra}, sys.stdout, ensure_ascii=False,
+                      default=str)
             sys.stdout.write("\n")
         if args.stats:
             print(f"[{info.backend} on {info.device}] model {info.name} ({info.quant}), load {info.load_s:.2f} s\n"
@@ -63,7 +73,9 @@ def main(args) -> int:
                   f"finish: {done.finish_reason}\n"
                   f"memory: RSS {fmt_bytes_short(mem.get('rss', 0))}"
                   + (f", device {fmt_bytes_short(mem['device'])}" if mem.get("device") else "")
-                  + (f", peak {fmt_bytes_short(mem['peak'])}" if mem.get("peak") else ""),
+                  + (f", peak {fmt_bytes_short(mem['peak'])}" if mem.get("peak") else "")
+                  + (" (runner process)" if info.extra.get("runner_pid") else "")
+                  + _buffers_line(info.extra),
                   file=sys.stderr)
     finally:
         backend.close()

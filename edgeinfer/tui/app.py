@@ -304,7 +304,10 @@ class ChatApp(App):
         if msg.error is not None:
             view.remove()
             self.chat.add_notice(f"Generation failed: {msg.error}")
-            self.status.set(state="error")
+            self.status.set(state="model crashed" if msg.crashed else "error")
+            if msg.crashed:
+                self.notify(msg.error, title="Model crashed", severity="error", timeout=10)
+                self._poll_memory()
             return
         done = msg.done
         text = self._reply_text if done.finish_reason == "cancelled" else done.text

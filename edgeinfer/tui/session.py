@@ -16,7 +16,7 @@ from typing import Callable
 from textual.message import Message
 
 from edgeinfer.backend import Backend, DoneEvent, LoadOptions, ModelInfo, SamplingParams
-from edgeinfer.errors import EdgeinferError
+from edgeinfer.errors import BackendCrashedError, EdgeinferError
 from edgeinfer.tui.context import count_tokens, fit_to_context
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class TokenChunk(Message):
 
 
 class GenerationDone(Message):
-    def __init__(self, job_id: int, done: DoneEvent | None, error: str | None = None) -> None:
-        self.job_id, self.done, self.error = job_id, done, error
+    """The reply ended: ``done`` on success, else ``error`` (``crashed``: the model's process died)."""
+
+    def __init__(self, job_id: int, done: DoneEvent | None, error: str | None = None, crashed: bool = False) -> None:
+        self.job_id, self.done, self.error, self.crashed = job_id, done, error, crashed
         super().__init__()
 
 
@@ -154,6 +156,9 @@ class ModelHost:
             if pending:
                 post(TokenChunk(job.id, "".join(pending), n, time.perf_counter()))
             post(GenerationDone(job.id, done))
+        except BackendCrashedError as e:  # the model's process died; the backend starts a new one next time
+            post(GenerationDone(job.id, None, f"{e}. The messages so far are kept; the next message starts "
+                                              "a new runner (ctrl+s switches the backend)", crashed=True))
         except EdgeinferError as e:
             post(GenerationDone(job.id, None, str(e)))
         except Exception as e:  # a backend bug must not kill the UI: report it in the chat

@@ -1,0 +1,208 @@
+"""The runner's decode loop: requests in sequence slots, one ``llama_decode`` per step for all of them.
+
+Each slot is a llama.cpp sequence (``seq_id``) with its own sampler chain and the tokens whose
+K/V it holds. A step puts the next token of every generating slot and a chunk of every waiting
+prompt into one ``llama_batch`` (continuous batching, as llama-server does), decodes it once and
+samples one token per slot that produced logits. A new request takes the free slot whose cached
+tokens share the longest prefix with its prompt, and only the rest of the prompt is decoded.
+
+The sampler chain is llama-cpp-python's (``Llama._init_sampler``): penalties, then greedy when
+``temperature <= 0``, else top-k, typical (1.0), top-p, min-p, temperature, a seeded dist --
+so the same seed gives the same tokens as ``llama_cpp.Llama.generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Request:
+    """One generation: the prompt, how many tokens at most, the sampling fields (runner_protocol)."""
+
+    id: int
+    tokens: list[int]
+    n_max: int
+    sampling: dict
+    seed: int = 0
+
+
+@dataclass
+class Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds, in order
+    req: Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
+    next_tok: int | None = None  # sampled, not decoded yet
+    sampler: object = None
+    n_gen: int = 0
+    n_reused: int = 0
+    t_start: float = 0.0  # when the request got this slot
+    t_first: float = 0.0  # when its first token was sampled
+    t_last: float = 0.0
+    out_index: int = -1  # row of this slot's logits in the current batch, -1 if none
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class SlotEngine:
+    """Runs requests on ``n_seq`` sequences of one llama.cpp context; events go to ``emit``."""
+
+    def __init__(self, lc, model, ctx, n_seq: int, n_batch: int, n_ctx_seq: int, emit: Callable[[dict], None]):
+        self.lc, self.ctx = lc, ctx
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.mem = lc.llama_get_memory(ctx)
+        self.n_batch, self.n_ctx_seq = n_batch, n_ctx_seq
+        self.emit = emit
+        self.slots = [Slot(seq) for seq in range(n_seq)]
+        self.queue: deque[Request] = deque()
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+
+    # -- requests --------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(s.req is not None for s in self.slots)
+
+    def submit(self, req: Request) -> None:
+        self.queue.append(req)
+
+    def cancel(self, req_id: int) -> None:
+        for i, r in enumerate(self.queue):
+            if r.id == req_id:
+                del self.queue[i]
+                self.emit({"ev": "end", "id": req_id, "reason": "cancelled", "n_cached": 0})
+                return
+        for s in self.slots:
+            if s.req is not None and s.req.id == req_id:
+                self._finish(s, "cancelled")
+                return
+
+    def _assign(self) -> None:
+        while self.queue:
+            free = [s for s in self.slots if s.req is None]
+            if not free:
+                return
+            req = self.queue.popleft()
+            slot = max(free, key=lambda s: common_prefix(s.cached, req.tokens))
+            self._start(slot, req)
+
+    def _start(self, slot: Slot, req: Request) -> None:
+        keep = common_prefix(slot.cached, req.tokens)
+        if keep == len(req.tokens):
+            keep -= 1  # decode the last prompt token again: its logits are needed
+        if not self.lc.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+            keep = 0
+            self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        slot.cached = req.tokens[:keep]
+        slot.pending = req.tokens[keep:]
+        slot.req, slot.n_gen, slot.n_reused, slot.next_tok = req, 0, keep, None
+        slot.t_start = slot.t_first = slot.t_last = time.perf_counter()
+        slot.sampler = self._sampler(req.sampling, req.seed)
+
+    def _sampler(self, s: dict, seed: int):
+        lc = self.lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        add(lc.llama_sampler_init_penalties(self.n_vocab, s["repeat_last_n"], s["repeat_penalty"],
+                                            s["frequency_penalty"], s["presence_penalty"]))
+        if s["temperature"] <= 0:
+            add(lc.llama_sampler_init_greedy())
+        else:
+            add(lc.llama_sampler_init_top_k(s["top_k"]))
+            add(lc.llama_sampler_init_typical(1.0, 1))
+            add(lc.llama_sampler_init_top_p(s["top_p"], 1))
+            add(lc.llama_sampler_init_min_p(s["min_p"], 1))
+            add(lc.llama_sampler_init_temp(s["temperature"]))
+            add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        req = slot.req
+        if slot.sampler is not None:
+            self.lc.llama_sampler_free(slot.sampler)
+        slot.req, slot.sampler, slot.pending, slot.next_tok, slot.out_index = None, None, [], None, -1
+        self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused, "n_gen": slot.n_gen,
+                   "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first})
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Decode one batch and sample a token for every slot whose logits it produced."""
+        self._assign()
+        b, n = self.batch, 0
+        fed: list[tuple[Slot, list[int]]] = []  # what each slot put into this batch
+        for s in self.slots:  # generating slots first: one token each
+            s.out_index = -1
+            if s.req is None or s.next_tok is None:
+                continue
+            if len(s.cached) >= self.n_ctx_seq:
+                self._finish(s, "context")
+                continue
+            n = self._add(b, n, s.next_tok, len(s.cached), s.seq, True)
+            s.out_index = n - 1
+            fed.append((s, [s.next_tok]))
+        for s in self.slots:  # then prompt chunks, as far as the batch goes
+            if s.req is None or not s.pending or n >= self.n_batch:
+                continue
+            take = s.pending[: self.n_batch - n]
+            pos = len(s.cached)
+            for i, tok in enumerate(take):
+                n = self._add(b, n, tok, pos + i, s.seq, False)
+            del s.pending[: len(take)]
+            if not s.pending:
+                b.logits[n - 1] = 1
+                s.out_index = n - 1
+            fed.append((s, take))
+        if n == 0:
+            return
+        b.n_tokens = n
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            for s, _ in fed:
+                self.emit({"ev": "error", "id": s.req.id, "message": f"llama_decode returned {rc}"})
+                self.lc.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+                s.cached = []
+                self._finish(s, "error")
+            return
+        for s, toks in fed:
+            s.cached.extend(toks)
+            s.next_tok = None
+            if s.out_index < 0:
+                continue
+            tok = self.lc.llama_sampler_sample(s.sampler, self.ctx, s.out_index)
+            s.n_gen += 1
+            s.t_last = time.perf_counter()
+            if s.n_gen == 1:
+                s.t_first = s.t_last
+            self.emit({"ev": "tok", "id": s.req.id, "tok": tok})
+            if self.lc.llama_vocab_is_eog(self.vocab, tok):
+                self._finish(s, "eog")
+            elif s.n_gen >= s.req.n_max:
+                self._finish(s, "length")
+            else:
+                s.next_tok = tok  # decoded (its K/V written) in the next step
+
+    @staticmethod
+    def _add(b, n: int, tok: int, pos: int, seq: int, logits: bool) -> int:
+        b.token[n] = tok
+        b.pos[n] = pos
+        b.n_seq_id[n] = 1
+        b.seq_id[n][0] = seq
+        b.logits[n] = 1 if logits else 0
+        return n + 1
+
+    def close(self) -> None:
+        for s in self.slots:
+            if s.sampler is not None:
+                self.lc.llama_sampler_free(s.sampler)
+                s.sampler = None
+        self.lc.llama_batch_free(self.batch)
