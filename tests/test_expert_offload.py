@@ -97,3 +97,39 @@ def test_cli_accepts_cpu_moe_and_output_is_unchanged(tmp_path, cli_env):
                                       timeout=300).stdout)["text"] for extra in ([], flag)]
     print(f"{flag}: {outs}")
     assert outs[0] == outs[1]
+
+
+def test_llama_cpp_expert_overrides_match_llama_cpp_patterns():
+    import re
+
+    from edgeinfer.backend import ALL_LAYERS
+    from edgeinfer.backends.llama_placement import expert_overrides
+
+    assert expert_overrides(0) == []
+    (every,) = expert_overrides(ALL_LAYERS)
+    (first2,) = expert_overrides(2)
+    names = ["blk.0.ffn_up_exps.weight", "blk.1.ffn_gate_up_exps.weight", "blk.2.ffn_down_exps.weight",
+             "blk.12.ffn_gate_exps.weight", "blk.1.ffn_up.weight", "blk.0.ffn_gate_inp.weight"]
+    hits = {o.pattern: [n for n in names if re.search(o.pattern, n)] for o in (every, first2)}
+    print(hits)
+    assert hits[every.pattern] == names[:4] and hits[first2.pattern] == names[:2]
+    assert every.buffer_type == first2.buffer_type == "CPU"
+
+
+def test_llama_cpp_cpu_moe_output_unchanged(tmp_path):
+    from edgeinfer.backend import ALL_LAYERS, LoadOptions, SamplingParams
+    from edgeinfer.backends.llamacpp import LlamaCppBackend
+    from edgeinfer.quant.convert import convert
+
+    folder = _tiny_models.make_tiny_checkpoint("mixtral", tmp_path / "ck")
+    path = convert(folder, tmp_path / "m.gguf", "Q8_0")
+    texts = []
+    for n in (0, ALL_LAYERS):
+        b = LlamaCppBackend(path, LoadOptions(n_ctx=64, n_threads=1, n_cpu_moe=n))
+        try:
+            texts.append(list(b.generate("hello world", SamplingParams(temperature=0, max_tokens=12)))[-1].text)
+            info = b.info().extra
+        finally:
+            b.close()
+    print(f"llama.cpp --cpu-moe on CPU: {texts}; placement {info.get('placement')!r}")
+    assert texts[0] == texts[1]

@@ -284,11 +284,31 @@ class OverrideArray:
         return ctypes.addressof(self.array)
 
 
-def apply_placement(params, placement: Placement) -> OverrideArray | None:
-    """Set ``use_extra_bufts`` and ``tensor_buft_overrides`` of a ``llama_model_params``.
+def expert_overrides(n_cpu_moe: int) -> list[TensorOverride]:
+    """llama.cpp's ``--cpu-moe`` / ``--n-cpu-moe N`` as overrides: the stacked expert weights of every
+    layer (``n_cpu_moe`` >= the layer count) or of layers ``0 .. N-1`` stay in host memory
+    (common/common.h's patterns; a ``CPU`` target also takes the safe extra buffer types)."""
+    if n_cpu_moe <= 0:
+        return []
+    from edgeinfer.backend import ALL_LAYERS
 
+    exps = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    if n_cpu_moe >= ALL_LAYERS:
+        return [TensorOverride(exps, "CPU")]
+    return [TensorOverride(r"^blk\.(" + "|".join(str(i) for i in range(n_cpu_moe)) + ")" + exps, "CPU")]
+
+
+def apply_placement(params, placement: Placement) -> OverrideArray | None:
+    """Set ``use_extra_bufts``, ``tensor_buft_overrides`` and the lazy mode of a ``llama_model_params``.
+
+    Row-lazy tensors (Gemma 4's per-layer embedding table, an input-layer tensor llama.cpp reads by
+    row) are always read lazily from the memory map: llama.cpp's default reads them so only above
+    4 GiB and otherwise maps the whole file populated, making the table resident.
     Returns the :class:`OverrideArray` to keep alive until the model is loaded (None if no overrides).
     """
+    import llama_cpp
+
+    params.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON
     params.use_extra_bufts = placement.use_extra_bufts
     if not placement.overrides:
         params.tensor_buft_overrides = None

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 from edgeinfer.backend import DoneEvent, Event, LoadOptions, Message, ModelInfo, SamplingParams
 from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_size, default_threads, process_memory,
                                        vocab_only_log_filter)
-from edgeinfer.backends.llama_placement import ENV_AMX, ENV_REPACK, BufferPolicy, TensorOverride
+from edgeinfer.backends.llama_placement import ENV_AMX, ENV_REPACK, BufferPolicy, TensorOverride, expert_overrides
 from edgeinfer.backends.runner_client import RunnerDied, RunnerLoadError, RunnerProcess, child_env
 from edgeinfer.backends.runner_protocol import sampling_dict
 from edgeinfer.errors import BackendCrashedError, BackendError, InvalidModelError
@@ -75,7 +75,8 @@ class LlamaCppBackend(LlamaCppVocab):
                       "n_batch": 512, "n_threads": self.n_threads,
                       "n_gpu_layers": opts.n_gpu_layers if opts.device != "cpu" else 0,
                       "policy": dataclasses.asdict(self.policy),
-                      "overrides": [[o.pattern, o.buffer_type] for o in overrides]}
+                      "overrides": [[o.pattern, o.buffer_type]
+                                    for o in (*overrides, *expert_overrides(opts.n_cpu_moe))]}
         if cpu_report is not None:
             self._load["cpu_report"] = cpu_report
         self.runner: RunnerProcess | None = None
