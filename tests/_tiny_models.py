@@ -87,12 +87,12 @@ TINY_CONFIGS.update({
                 "layer_types": [_F if (i + 1) % 5 == 0 else _S for i in range(21)] + [_F],
                 "hidden_size_per_layer_input": 256, "laurel_rank": 64, "altup_num_inputs": 4,
                 "altup_active_idx": 0, "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 12},
-    # beyond it (converted with --torch-only): 6 layers (4 with K/V), PLE width 32, LAuReL rank 16,
+    # beyond it (converted with --torch-only): 6 layers (4 with K/V), PLE width 32, LAuReL rank 32,
     # 3 AltUp streams with stream 1 active, sparsity on layers 0, 1 and the shared layer 4 at two
     # levels, a different FFN width per layer, soft-cap 25
     "gemma3n_small": {**_GEMMA3N, "num_hidden_layers": 6, "intermediate_size": [96, 64, 128, 96, 64, 96],
                       "num_kv_shared_layers": 2, "layer_types": [_S, _S, _F, _S, _S, _F],
-                      "hidden_size_per_layer_input": 32, "laurel_rank": 16, "altup_num_inputs": 3,
+                      "hidden_size_per_layer_input": 32, "laurel_rank": 32, "altup_num_inputs": 3,
                       "altup_active_idx": 1, "activation_sparsity_pattern": [0.9, 0.95, 0.0, 0.0, 0.95, 0.0],
                       "final_logit_softcapping": 25.0},
 })
