@@ -492,3 +492,39 @@ def test_per_layer_table_stays_in_the_memory_map(files):
     assert emb.raw.dtype == torch.uint8 and emb.raw.numel() == t.n_bytes
     assert where is not None and Path(where).resolve() == Path(path).resolve()
     model(torch.tensor([TOKENS[:4]]), 0)  # gathers 4 rows
+
+
+def test_cpu_moe_leaves_the_altup_stacks_alone(files, monkeypatch):
+    """``--cpu-moe`` keeps MoE experts in host memory; Gemma 3n has none: its 3-D AltUp stacks (built
+    like experts) stay where they are and the logits do not change."""
+    import edgeinfer.engine.loader as L
+    from edgeinfer.kernels.expert_offload import OffloadedExpertLinear
+
+    path = files["gemma3n", "Q8_0"]
+    plain = torch_logits(path)
+    monkeypatch.setattr(L, "OFFLOAD_ON_CPU", True)  # run the offload logic on this CPU-only machine
+    model, report = L.load_model(path, torch.device("cpu"), 64, offload_layers=22)
+    assert not any(isinstance(m, OffloadedExpertLinear) for m in model.modules()) and report.offloaded_bytes == 0
+    assert np.array_equal(model(torch.tensor([TOKENS]), 0)[0].double().numpy(), plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q6_K"])
+def test_k_quant_mix_matches_llama_quantize(ckpts, tmp_path, recipe):
+    """A llama.cpp mix converted directly = llama-quantize on llama.cpp's own F32 conversion (same
+    per-tensor types: altup / laurel / per_layer_model_proj never quantized; same bytes), except the
+    padded per-layer rows; and both engines load it."""
+    import _llama_quant
+
+    from edgeinfer.quant.convert import convert
+
+    ref = _llama_quant.llama_quantize(llama_cpp_convert(ckpts["gemma3n"], tmp_path / "lc.gguf", "F32"),
+                                      tmp_path / "lq.gguf", recipe)
+    ours = convert(ckpts["gemma3n"], tmp_path / "ours.gguf", recipe)
+    a, b = gguf_contents(ours)[1], gguf_contents(ref)[1]
+    layout = [n for n in a if a[n][:2] != b.get(n, (None, None))[:2]]
+    data = [n for n in a if a[n][2] != b[n][2]]
+    types = sorted({v[1] for v in a.values()})
+    print(f"{recipe}: {len(a)} tensors, types {types}; different layout {layout}, bytes {data}")
+    assert set(a) == set(b) and not layout and data == ["per_layer_token_embd.weight"]
+    assert llama_logits(ours).shape == torch_logits(ours).shape == (len(TOKENS), 352)
