@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 
 import _tiny_models
+import test_convert_parity
+from test_models import kl, rel
 
 LLAMA_CPP_SRC = Path(os.environ.get("EDGEINFER_LLAMA_CPP_SRC", "/work/ref/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 TOKENS = [int(t) for t in np.random.default_rng(11).integers(3, 300, size=24)]
@@ -133,15 +135,8 @@ def hf_logits(folder, tokens=TOKENS, llama_cpp_numerics: bool = False, qtype: st
 
 
 def llama_logits(path, tokens=TOKENS) -> np.ndarray:
-    """llama.cpp's logits for every position (F32 KV cache: ``type_k = type_v = 0``)."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False, type_k=0, type_v=0)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
+    """llama.cpp's logits for every position (F32 KV cache)."""
+    return test_convert_parity.llama_logits(path, tokens)
 
 
 def torch_logits(path, tokens=TOKENS, **kw) -> np.ndarray:
@@ -149,16 +144,6 @@ def torch_logits(path, tokens=TOKENS, **kw) -> np.ndarray:
 
     model, _ = load_model(path, torch.device("cpu"), 64, **kw)
     return model(torch.tensor([tokens]), 0)[0].double().numpy()
-
-
-def rel(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-
-
-def kl(ref: np.ndarray, got: np.ndarray) -> float:
-    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def llama_cpp_convert(folder: Path, out: Path, outtype: str) -> Path:
