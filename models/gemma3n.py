@@ -38,6 +38,7 @@ from torch import nn
 from edgeinfer.errors import InvalidModelError
 from edgeinfer.models.base import MLP, Attention, AttnConfig, Block, ModelArgs, RMSNorm, RopeConfig, Scale, Step, \
     Transformer
+from edgeinfer.models.cache import kv_sources
 from edgeinfer.models.moe import ExpertLinear
 from edgeinfer.models.ple import PerLayerGate, PerLayerInputs
 
@@ -67,20 +68,6 @@ def _per_layer(v, n: int, what: str, path: str) -> tuple:
             raise InvalidModelError(f"{path}: {what} has {len(v)} entries for {n} layers")
         return tuple(v)
     return (v,) * n
-
-
-def kv_sources(swa: tuple, n_shared: int, path: str = "") -> list[int | None]:
-    """Per layer: the layer whose K/V it reads (None: its own). A shared layer reads the last
-    non-shared layer of its own type (HF ``Gemma3nTextConfig.kv_sharing_modes``)."""
-    n = len(swa)
-    first = n - n_shared
-    out: list[int | None] = [None] * n
-    for i in range(first, n):
-        src = next((j for j in range(first - 1, -1, -1) if swa[j] == swa[i]), None)
-        if src is None:
-            raise InvalidModelError(f"{path}: layer {i} shares K/V but no earlier layer of its type has any")
-        out[i] = src
-    return out
 
 
 def args_from_gguf(md: dict, tensors: dict, path: str = "") -> Gemma3nArgs:
