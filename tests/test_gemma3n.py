@@ -513,3 +513,35 @@ def test_k_quant_mix_matches_llama_quantize(ckpts, tmp_path, recipe):
     print(f"{recipe}: {len(a)} tensors, types {types}; different layout {layout}, bytes {data}")
     assert set(a) == set(b) and not layout and data == ["per_layer_token_embd.weight"]
     assert llama_logits(ours).shape == torch_logits(ours).shape == (len(TOKENS), 352)
+
+
+def test_config_defaults_and_older_keys(ckpts, tmp_path):
+    """Config fields left out take transformers' defaults (layer types, sparsity pattern), older keys
+    (``rope_theta`` / ``rope_local_base_freq``, one ``intermediate_size``) are read, and a config the
+    gemma3n GGUF cannot express is refused naming the key. Planning only (no tensor is read)."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from edgeinfer.errors import ConversionError
+    from edgeinfer.quant.convert import plan_conversion
+
+    folder = Path(shutil.copytree(ckpts["gemma3n"], tmp_path / "ck"))
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("layer_types", "activation_sparsity_pattern", "rope_parameters"):
+        del cfg[k]
+    cfg.update(intermediate_size=128, rope_theta=500000.0, rope_local_base_freq=20000.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = AutoConfig.from_pretrained(folder)
+    hp = {k.split(".", 1)[1]: v.value for k, v in plan_conversion(folder, "F32").hparams.items()}
+    print({k: hp[k] for k in ("feed_forward_length", "rope.freq_base", "rope.freq_base_swa")},
+          "layer types as transformers:", hp["attention.sliding_window_pattern"] ==
+          [t == "sliding_attention" for t in hf.layer_types])
+    assert hp["attention.sliding_window_pattern"] == [t == "sliding_attention" for t in hf.layer_types]
+    z = [float(torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(p))) for p in hf.activation_sparsity_pattern]
+    assert hp["activation_sparsity_scale"] == pytest.approx(z) and hp["feed_forward_length"] == 128
+    assert (hp["rope.freq_base"], hp["rope.freq_base_swa"]) == (500000.0, 20000.0)
+    (folder / "config.json").write_text(json.dumps({**cfg, "hidden_activation": "gelu"}))
+    with pytest.raises(ConversionError, match="hidden_activation='gelu'"):
+        plan_conversion(folder, "F32")
