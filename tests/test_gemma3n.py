@@ -147,7 +147,10 @@ def torch_logits(path, tokens=TOKENS, **kw) -> np.ndarray:
 
 
 def llama_cpp_convert(folder: Path, out: Path, outtype: str) -> Path:
-    """llama.cpp's own ``convert_hf_to_gguf.py`` (the oracle; run, never imported or copied)."""
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (the oracle; run, never imported or copied). Its
+    source is the llama-cpp-python sdist's ``vendor/llama.cpp`` (``$EDGEINFER_LLAMA_CPP_SRC``)."""
+    if not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp's converter is not at {LLAMA_CPP_SRC} (set EDGEINFER_LLAMA_CPP_SRC)")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     r = subprocess.run([sys.executable, str(LLAMA_CPP_SRC / "convert_hf_to_gguf.py"), str(folder), "--outtype",
                         outtype.lower(), "--outfile", str(out)], capture_output=True, text=True, env=env, timeout=600)
