@@ -548,3 +548,18 @@ def test_config_defaults_and_older_keys(ckpts, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "hidden_activation": "gelu"}))
     with pytest.raises(ConversionError, match="hidden_activation='gelu'"):
         plan_conversion(folder, "F32")
+
+
+def test_altup_correct_scale_off(tmp_path):
+    """``altup_correct_scale=false``: transformers skips the scale (the checkpoint still has one), the
+    file holds ones in its place, so both engines (llama.cpp always multiplies) compute the same."""
+    import gguf
+
+    from edgeinfer.quant.convert import convert
+
+    folder = _tiny_models.make_tiny_checkpoint("gemma3n_small", tmp_path / "ck", altup_correct_scale=False)
+    path = convert(folder, tmp_path / "s.gguf", "F32", torch_only=True)
+    scales = [np.asarray(t.data) for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("altup_correct_scale.weight")]
+    r = rel(hf_logits(folder), torch_logits(path))
+    print(f"altup_correct_scale=false: {len(scales)} scales written as ones; torch engine vs transformers {r:.1e}")
+    assert len(scales) == 6 and all((s == 1).all() for s in scales) and r < 1e-4

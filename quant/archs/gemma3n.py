@@ -64,6 +64,17 @@ LLAMA_CPP_SOFTCAP = 30.0  # f_final_logit_softcapping (the key is not read)
 
 # --------------------------------------------------------------------------- config reading
 
+#: ``Gemma3nTextConfig``'s defaults for the fields a config may leave out (an explicit null stays null).
+HF_DEFAULTS = {"num_kv_shared_layers": 15, "hidden_size_per_layer_input": 256, "laurel_rank": 64,
+               "altup_num_inputs": 4, "altup_active_idx": 0, "altup_correct_scale": True,
+               "final_logit_softcapping": 30.0, "sliding_window": 512, "rms_norm_eps": 1e-6,
+               "max_position_embeddings": 32768, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def setting(c: ArchContext, key: str):
+    """A config field, or transformers' default when the config leaves it out."""
+    return c.cfg[key] if key in c.cfg else HF_DEFAULTS[key]
+
 
 def layer_types(c: ArchContext) -> list[str]:
     """``layer_types``, or transformers' default (every 5th layer full)."""
@@ -94,7 +105,7 @@ def sparsity_scale(p: float) -> float:
 
 def first_shared(c: ArchContext) -> int:
     """Index of the first layer reading another layer's K/V (``n_layers`` when none does)."""
-    return c.n_layers - int(c.get("num_kv_shared_layers", default=0) or 0)
+    return c.n_layers - int(setting(c, "num_kv_shared_layers") or 0)
 
 
 def kv_producers(c: ArchContext) -> dict[int, int]:
@@ -106,15 +117,15 @@ def kv_producers(c: ArchContext) -> dict[int, int]:
 
 
 def ple_dim(c: ArchContext) -> int:
-    return int(c.get("hidden_size_per_layer_input", default=0) or 0)
+    return int(setting(c, "hidden_size_per_layer_input") or 0)
 
 
 def n_altup(c: ArchContext) -> int:
-    return int(c.get("altup_num_inputs", default=4))
+    return int(setting(c, "altup_num_inputs"))
 
 
 def laurel_rank(c: ArchContext) -> int:
-    return int(c.get("laurel_rank", default=64))
+    return int(setting(c, "laurel_rank"))
 
 
 def rope_settings(c: ArchContext) -> tuple[dict, dict]:
@@ -148,7 +159,7 @@ class Gemma3nSpec(ArchSpec):
         p = c.cfg.get("activation_sparsity_pattern")
         if p is not None and (not isinstance(p, list) or len(p) != n or not all(0.0 <= float(x) < 1.0 for x in p)):
             refuse.append(f"activation_sparsity_pattern must list {n} values in [0, 1)")
-        if (act := c.get("hidden_activation", default="gelu_pytorch_tanh")) != "gelu_pytorch_tanh":
+        if (act := setting(c, "hidden_activation")) != "gelu_pytorch_tanh":
             refuse.append(f"hidden_activation={act!r} (the gemma3n GGUF has gelu_pytorch_tanh)")
         if c.cfg.get("attention_bias"):
             refuse.append("attention_bias=true (the gemma3n GGUF has no attention biases)")
@@ -157,8 +168,8 @@ class Gemma3nSpec(ArchSpec):
                 refuse.append(f"{what}-layer RoPE {r} (the gemma3n GGUF has plain RoPE per layer type)")
         if ple_dim(c) <= 0:
             refuse.append("hidden_size_per_layer_input must be positive (Gemma 3n has per-layer embeddings)")
-        if n_altup(c) < 2 or not 0 <= int(c.get("altup_active_idx", default=0)) < n_altup(c):
-            refuse.append(f"altup_num_inputs={n_altup(c)} / altup_active_idx={c.get('altup_active_idx')}")
+        if n_altup(c) < 2 or not 0 <= int(setting(c, "altup_active_idx")) < n_altup(c):
+            refuse.append(f"altup_num_inputs={n_altup(c)} / altup_active_idx={setting(c, 'altup_active_idx')}")
         fs = first_shared(c)
         if not refuse and fs < n and (fs < 1 or len(kv_producers(c)) != n - fs):
             refuse.append(f"num_kv_shared_layers={n - fs}: a shared layer type has no earlier layer with K/V")
@@ -180,7 +191,7 @@ class Gemma3nSpec(ArchSpec):
                     out.append(f"shared layer {i} reuses layer {src}'s K/V, llama.cpp's hard-coded rule layer {lc}")
                     break
         for key, want in LLAMA_CPP_FIXED.items():
-            if (got := int(c.get(key, default=want))) != want:
+            if (got := int(setting(c, key))) != want:
                 out.append(f"{key}={got} (llama.cpp hard-codes {want})")
         want = [LLAMA_CPP_SPARSITY if i < LLAMA_CPP_SPARSE_LAYERS else 0.0 for i in range(n)]
         if [round(x, 6) for x in sparsity(c)] != want:
@@ -188,14 +199,14 @@ class Gemma3nSpec(ArchSpec):
                        f"first {LLAMA_CPP_SPARSE_LAYERS} layers and none after)")
         if len(set(ffn_widths(c))) > 1:
             out.append(f"FFN widths per layer {ffn_widths(c)} (llama.cpp's gemma3n uses layer 0's width everywhere)")
-        if (cap := c.get("final_logit_softcapping")) != LLAMA_CPP_SOFTCAP:
+        if (cap := setting(c, "final_logit_softcapping")) != LLAMA_CPP_SOFTCAP:
             out.append(f"final_logit_softcapping={cap} (llama.cpp hard-codes {LLAMA_CPP_SOFTCAP:g})")
         return out
 
     def hparams(self, w: gguf.GGUFWriter, c: ArchContext) -> None:
         sliding, full = rope_settings(c)
         w.add_block_count(c.n_layers)
-        w.add_context_length(int(c.get("max_position_embeddings", default=131072)))
+        w.add_context_length(int(setting(c, "max_position_embeddings")))
         w.add_embedding_length(c.hidden)
         ff = c.cfg["intermediate_size"]
         w.add_feed_forward_length(ffn_widths(c) if isinstance(ff, list) else int(ff))
@@ -203,13 +214,13 @@ class Gemma3nSpec(ArchSpec):
         w.add_head_count_kv(c.n_head_kv)
         w.add_rope_freq_base(float(full["rope_theta"]))
         w.add_rope_freq_base_swa(float(sliding["rope_theta"]))
-        w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", default=1e-6)))
+        w.add_layer_norm_rms_eps(float(setting(c, "rms_norm_eps")))
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-        if cap := c.get("final_logit_softcapping"):
+        if cap := setting(c, "final_logit_softcapping"):
             w.add_final_logit_softcapping(float(cap))
-        w.add_sliding_window(int(c.get("sliding_window", default=512)))
-        w.add_altup_active_idx(int(c.get("altup_active_idx", default=0)))
+        w.add_sliding_window(int(setting(c, "sliding_window")))
+        w.add_altup_active_idx(int(setting(c, "altup_active_idx")))
         w.add_altup_num_inputs(n_altup(c))
         w.add_embedding_length_per_layer_input(ple_dim(c))
         w.add_shared_kv_layers(c.n_layers - first_shared(c))
@@ -270,7 +281,7 @@ class Gemma3nSpec(ArchSpec):
             log.info("per_layer_token_embd: %d rows padded to the vocabulary (%d) with copies of row 0 "
                      "(transformers looks those ids up as id 0)", src.shape[0], c.n_vocab)
             return Pad(src, c.n_vocab, fill_row=0)
-        if kind == M.ALTUP_CORRECT_SCALE and not c.get("altup_correct_scale", default=True):
+        if kind == M.ALTUP_CORRECT_SCALE and not setting(c, "altup_correct_scale"):
             return Map(src, torch.ones_like, "ones (altup_correct_scale=false)")
         return src
 
