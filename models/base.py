@@ -415,7 +415,10 @@ class Transformer(nn.Module):
 
     * ``RENAMES``: module paths whose GGUF stem is not their attribute name (:func:`gguf_name`);
     * ``TIED``: a GGUF tensor used in place of another the file may omit;
-    * ``OPTIONAL``: GGUF tensors assigned to a model attribute when the file has them.
+    * ``OPTIONAL``: GGUF tensors assigned to a model attribute when the file has them;
+    * ``unread`` (per instance): GGUF tensors the file holds for another runtime that this model never
+      reads (llama.cpp requires K/V projections in Gemma 3n's KV-shared layers); the loader accepts
+      them without loading them.
     """
 
     RENAMES: dict[str, str] = {}
@@ -430,6 +433,7 @@ class Transformer(nn.Module):
         self.output_norm = RMSNorm(a.dim, a.norm_eps)
         self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
         self.rope_freqs: torch.Tensor | None = None  # per-frequency divisors, set by the loader if the file has them
+        self.unread: set[str] = set()
         self.n_ctx = 0
         self._ropes: dict = {}
 

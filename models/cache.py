@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from edgeinfer.errors import InvalidModelError
+
 
 class KVCache:
     """Static, preallocated keys/values of one layer: [1, H_kv, L, D].
@@ -91,3 +93,22 @@ class KVCache:
         if self.window:
             mask &= (qpos - kpos[None, :]) < self.window
         return keys, vals, mask
+
+
+def kv_sources(swa: tuple, n_shared: int, path: str = "") -> list[int | None]:
+    """Per layer: the layer whose keys and values it reads (None: its own), for the last ``n_shared``
+    layers reading those of the last earlier non-shared layer of their own type (sliding or full;
+    ``swa[i]`` True for sliding) -- transformers' ``kv_sharing_modes`` of Gemma 3n and Gemma 4.
+
+    Raises:
+        InvalidModelError: a shared layer's type has no earlier layer with its own K/V.
+    """
+    n = len(swa)
+    first = n - n_shared
+    out: list[int | None] = [None] * n
+    for i in range(first, n):
+        src = next((j for j in range(first - 1, -1, -1) if swa[j] == swa[i]), None)
+        if src is None:
+            raise InvalidModelError(f"{path}: layer {i} shares K/V but no earlier layer of its type has any")
+        out[i] = src
+    return out

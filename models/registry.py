@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgeinfer.errors import InvalidModelError
-from edgeinfer.models import deepseek2, gemma3, llama
+from edgeinfer.models import deepseek2, gemma3, gemma3n, llama
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "qwen2moe": llama,
     "qwen3moe": llama,
     "gemma3": gemma3,
+    "gemma3n": gemma3n,
     "deepseek2": deepseek2,
 }
 

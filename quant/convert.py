@@ -172,7 +172,9 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
     spec = find_arch(ck.config, str(ck.path / "config.json"))
     cfg = text_config(ck.config)
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
-        if not isinstance(cfg.get(key), int):
+        v = cfg.get(key)
+        per_layer = key == "intermediate_size" and isinstance(v, list) and v and all(isinstance(x, int) for x in v)
+        if not isinstance(v, int) and not per_layer:  # Gemma 3n lists one FFN width per layer
             raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
     # with an imatrix the legacy types follow the recipe engine too (its imatrix-only ffn_down rule)
     by_recipe = qtype in mixes or (im is not None and base_type not in (T.F32, T.F16, T.BF16))

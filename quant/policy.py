@@ -40,7 +40,7 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 # Tensor kinds llama.cpp keeps in F32 whatever the file type (see llama-quant.cpp / the converter).
 ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES,
-              gguf.MODEL_TENSOR.ROPE_FREQS)
+              gguf.MODEL_TENSOR.ROPE_FREQS, gguf.MODEL_TENSOR.ALTUP_CORRECT_COEF, gguf.MODEL_TENSOR.ALTUP_PREDICT_COEF)
 
 
 @dataclass(frozen=True)

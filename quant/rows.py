@@ -18,6 +18,8 @@ The small set of sources an architecture composes (``quant/archs/*.py``):
                    source, its elements)
 ``Map(src, fn)``   a row-local fix-up ``fn(x: torch.Tensor [n, cols]) -> same shape``
 ``Transpose(src)`` every slice of a 3-D source transposed (``[H, a, b]`` -> ``[H, b, a]``)
+``Pad(src, n, r)``  a 2-D source extended to ``n`` rows, the new rows copies of its row ``r`` (or zeros)
+``Constant(s, v)``  a tensor of one value, produced a chunk at a time (placeholders a loader requires)
 ``Generated(x)``   a tensor computed from the config (``rope_freqs``)
 =================  ==================================================================
 """
@@ -275,6 +277,56 @@ class Transpose(RowSource):
                 return out[0] if len(out) == 1 else np.concatenate(out)
 
             yield rows
+
+
+class Pad(RowSource):
+    """A 2-D ``src`` extended to ``n_rows``: rows past its end are copies of its row ``fill_row``,
+    or zeros when ``fill_row`` is None (Gemma 3n's per-layer table padded to the vocabulary)."""
+
+    def __init__(self, src: RowSource, n_rows: int, fill_row: int | None = None):
+        if len(src.shape) != 2 or n_rows < src.shape[0]:
+            raise ConversionError(f"cannot pad {src.describe()} {list(src.shape)} to {n_rows} rows")
+        if fill_row is not None and not 0 <= fill_row < src.shape[0]:
+            raise ConversionError(f"{src.describe()} has no row {fill_row} to pad with")
+        self.src, self.fill_row, self.shape = src, fill_row, (n_rows, src.shape[1])
+
+    @property
+    def refs(self) -> list[TensorRef]:
+        return self.src.refs
+
+    def describe(self) -> str:
+        fill = "zeros" if self.fill_row is None else f"row {self.fill_row}"
+        return f"{self.src.describe()} + {self.shape[0] - self.src.shape[0]} rows of {fill}"
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Reader]:
+        n, cols = self.src.shape
+        with self.src.open() as read:
+            fill = (np.zeros((1, cols), dtype=np.float32) if self.fill_row is None
+                    else np.asarray(read(self.fill_row, self.fill_row + 1), dtype=np.float32))
+
+            def rows(a: int, b: int):
+                out = [np.asarray(read(a, min(b, n)), dtype=np.float32)] if a < n else []
+                if b > n:
+                    out.append(np.repeat(fill, b - max(a, n), axis=0))
+                return out[0] if len(out) == 1 else np.concatenate(out)
+
+            yield rows
+
+
+class Constant(RowSource):
+    """A tensor of ``shape`` holding ``value`` everywhere, produced a chunk at a time (never whole in
+    memory): placeholders for tensors a loader requires but never reads."""
+
+    def __init__(self, shape: tuple[int, ...], value: float = 0.0, what: str = ""):
+        self.shape, self.value, self.what = tuple(shape), float(value), what or f"constant {value:g}"
+
+    def describe(self) -> str:
+        return self.what
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Reader]:
+        yield lambda a, b: np.full((b - a, self.cols), self.value, dtype=np.float32)
 
 
 class Generated(RowSource):

@@ -9,7 +9,8 @@ Usage::
 
 Architectures: see :data:`TINY_CONFIGS` (llama with llama3 rope scaling, mistral, qwen2 with q/k/v
 biases, qwen3 with q/k norms and head_dim != hidden/heads, gemma3 text with a sliding window of 4
-tokens, a global layer, query_pre_attn_scalar != head_dim and final logit soft-capping). Sizes are
+tokens, a global layer, query_pre_attn_scalar != head_dim and final logit soft-capping; two Gemma 3n
+rows, :data:`GEMMA3N_ARCHS`: one within what stock llama.cpp hard-codes and one beyond it). Sizes are
 small but odd-ish (GQA, several head sizes) and every row length is a multiple of 32, so block
 quantization applies to every matrix. Norm weights are randomized too, so fix-ups such as gemma's
 ``1 + w`` are actually tested.
@@ -68,8 +69,37 @@ TINY_CONFIGS: dict[str, dict] = {
                                          "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
                                          "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
+
+# Gemma 3n (issue 13): AltUp, LAuReL, per-layer embeddings, activation sparsity, KV-shared layers,
+# a sliding window of 4 (shorter than the test sequences). The vocabulary (352) is larger than the
+# per-layer embedding table (320 rows), as in the real models (262400 vs 262144).
+_S, _F = "sliding_attention", "full_attention"
+_GEMMA3N = dict(model_type="gemma3n_text", vocab_size=352, vocab_size_per_layer_input=TINY_VOCAB, hidden_size=64,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=4,
+                final_logit_softcapping=30.0, tie_word_embeddings=True,
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+TINY_CONFIGS.update({
+    # what stock llama.cpp hard-codes: 20 layers with their own K/V (the shared sliding layer 20 reads
+    # layer 18, the shared full layer 21 layer 19), PLE width 256, LAuReL rank 64, 4 AltUp streams
+    # with stream 0 active, sparsity 0.95 on the first 10 layers, one FFN width, soft-cap 30
+    "gemma3n": {**_GEMMA3N, "num_hidden_layers": 22, "intermediate_size": 128, "num_kv_shared_layers": 2,
+                "layer_types": [_F if (i + 1) % 5 == 0 else _S for i in range(21)] + [_F],
+                "hidden_size_per_layer_input": 256, "laurel_rank": 64, "altup_num_inputs": 4,
+                "altup_active_idx": 0, "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 12},
+    # beyond it (converted with --torch-only): 6 layers (4 with K/V), PLE width 32, LAuReL rank 32,
+    # 3 AltUp streams with stream 1 active, sparsity on layers 0, 1 and the shared layer 4 at two
+    # levels, a different FFN width per layer, soft-cap 25
+    "gemma3n_small": {**_GEMMA3N, "num_hidden_layers": 6, "intermediate_size": [96, 64, 128, 96, 64, 96],
+                      "num_kv_shared_layers": 2, "layer_types": [_S, _S, _F, _S, _S, _F],
+                      "hidden_size_per_layer_input": 32, "laurel_rank": 32, "altup_num_inputs": 3,
+                      "altup_active_idx": 1, "activation_sparsity_pattern": [0.9, 0.95, 0.0, 0.0, 0.95, 0.0],
+                      "final_logit_softcapping": 25.0},
+})
+GEMMA3N_ARCHS = ("gemma3n", "gemma3n_small")
 DEFAULT_TOKENIZER = {"llama": "bpe", "mistral": "bpe", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm",
-                     "mixtral": "bpe", "qwen2_moe": "bpe", "qwen3_moe": "bpe", "deepseek_v3": "bpe"}
+                     "mixtral": "bpe", "qwen2_moe": "bpe", "qwen3_moe": "bpe", "deepseek_v3": "bpe",
+                     **{a: "spm" for a in GEMMA3N_ARCHS}}
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A tiny model learns nothing, but its tokenizer
 still splits words into pieces: hello world, hello there, the weather is nice today.
@@ -137,7 +167,7 @@ def tiny_config(arch: str, **overrides):
 
     kw = {**_COMMON, **TINY_CONFIGS[arch], **overrides}
     model_type = kw.pop("model_type")
-    if arch == "gemma3":
+    if arch == "gemma3" or arch in GEMMA3N_ARCHS:
         kw.update(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     else:
         kw.update(bos_token_id=None, eos_token_id=2, pad_token_id=0)
@@ -149,7 +179,7 @@ def make_tiny_checkpoint(arch: str, out_dir, dtype=None, *, seed: int = 0, token
     """Build and save a tiny random checkpoint.
 
     Args:
-        arch: a key of :data:`TINY_CONFIGS` (llama, mistral, qwen2, qwen3, gemma3).
+        arch: a key of :data:`TINY_CONFIGS` (llama, mistral, qwen2, qwen3, gemma3, the MoE and gemma3n rows).
         out_dir: folder to create (parents too).
         dtype: torch dtype of the saved weights (default float32; bfloat16/float16 work).
         seed: torch seed for the weights.
@@ -171,14 +201,58 @@ def make_tiny_checkpoint(arch: str, out_dir, dtype=None, *, seed: int = 0, token
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
+    gemma3n = arch in GEMMA3N_ARCHS
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:  # norms (and biases): random, not all-ones, so fix-ups show
+            if gemma3n and name.endswith(("q_norm.weight", "k_norm.weight")):
+                # attention scale 1 on RMS-normed q and k: weights near 1 give scores of ~sqrt(head_dim),
+                # a near-argmax softmax that flips on any rounding; ~0.25 keeps them O(1), as trained
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + 0.25)
+            elif p.ndim == 1:  # norms (and biases): random, not all-ones, so fix-ups show
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (0.0 if arch == "gemma3" or "bias" in name else 1.0))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.08)
     model = model.to(dtype or torch.float32)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
+    if gemma3n:
+        _add_shared_kv(out, model, g, dtype or torch.float32)
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
     return out
+
+
+def _add_shared_kv(out: Path, model, g, dtype) -> None:
+    """Give the KV-shared layers K/V projections and a k_norm, as the released Gemma 3n checkpoints
+    have them (transformers 5 neither builds nor saves them and ignores them when loading; stock
+    llama.cpp requires them in every layer, though shared layers never read them)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = model.config
+    first = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    path = out / "model.safetensors"
+    sd = load_file(path)
+    kv, h = cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size
+    for i in range(first, cfg.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        sd[p + "k_proj.weight"] = (torch.randn(kv, h, generator=g) * 0.08).to(dtype)
+        sd[p + "v_proj.weight"] = (torch.randn(kv, h, generator=g) * 0.08).to(dtype)
+        sd[p + "k_norm.weight"] = (torch.randn(cfg.head_dim, generator=g) * 0.05 + 0.25).to(dtype)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def drop_shared_kv(folder: Path) -> Path:
+    """Remove the KV-shared layers' K/V tensors again: a Gemma 3n checkpoint as transformers 5 saves it."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    first = cfg["num_hidden_layers"] - cfg["num_kv_shared_layers"]
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    keep = {k: v for k, v in sd.items() if not any(k.endswith(f"layers.{i}.self_attn.{n}.weight")
+                                                   for i in range(first, cfg["num_hidden_layers"])
+                                                   for n in ("k_proj", "v_proj", "k_norm"))}
+    assert len(keep) < len(sd)
+    save_file(keep, path, metadata={"format": "pt"})
+    return folder

@@ -19,7 +19,7 @@ import torch
 
 import _tiny_models
 from edgeinfer.quant.quantizers import quantize
-from edgeinfer.quant.rows import Generated, Map, Permute, Rows, Stack, Tensor
+from edgeinfer.quant.rows import Constant, Generated, Map, Pad, Permute, Rows, Stack, Tensor
 from edgeinfer.quant.source import read_safetensors_header
 from edgeinfer.quant.spec import ArchSpec, Out, TensorSet, split_stacked
 
@@ -76,11 +76,29 @@ def test_permute_map_rows_generated(tmp_path):
         "mapped": (Map(Tensor(refs["w"]), lambda x: x * 0.5 + 1.0), w * 0.5 + 1.0),
         "row slice": (Rows(Tensor(refs["w"]), 10, 70), w[10:70]),
         "generated": (Generated(b * 2), b * 2),
+        "padded with row 3": (Pad(Tensor(refs["w"]), 130, fill_row=3), torch.cat([w, w[3:4].expand(34, 64)])),
+        "padded with zeros": (Pad(Tensor(refs["w"]), 100), torch.cat([w, torch.zeros(4, 64)])),
+        "constant": (Constant((5, 64), 1.0), torch.ones(5, 64)),
     }
     for what, (src, ref) in cases.items():
         got = src.read_all()
         print(f"{what}: shape {list(got.shape)}, max diff {float((got - ref).abs().max()):.1e}")
         assert got.shape == ref.shape and torch.equal(got, ref), what
+
+
+def test_pad_and_constant_read_any_row_range(tmp_path):
+    """Chunks that start inside the source, straddle its end or lie past it (the encoders read in any order)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 32, generator=g)
+    refs = _save(tmp_path / "m.safetensors", {"w": w})
+    ref = torch.cat([w, w[:1].expand(24, 32)])
+    with Pad(Tensor(refs["w"]), 64, fill_row=0).open() as read:
+        for a, b in ((0, 7), (35, 45), (40, 41), (50, 64), (0, 64)):
+            assert torch.equal(torch.as_tensor(np.asarray(read(a, b))), ref[a:b]), (a, b)
+    assert _encode(Pad(Tensor(refs["w"]), 64, fill_row=0), T.Q8_0).tobytes() == quantize(ref, T.Q8_0).tobytes()
+    assert _encode(Constant((4096, 1024)), T.Q8_0).tobytes() == quantize(torch.zeros(4096, 1024), T.Q8_0).tobytes()
+    with pytest.raises(Exception, match="cannot pad"):
+        Pad(Tensor(refs["w"]), 10)
 
 
 def test_stack_streams_one_chunk_at_a_time(tmp_path):

@@ -149,9 +149,9 @@ def _swap_embedding(c: _Ctx, mod: nn.Embedding, gname: str) -> QuantEmbedding:
 
 def _swap_experts(c: _Ctx, mod: ExpertLinear, gname: str) -> nn.Module:
     name, t = c.tensor(gname + ".weight", (mod.in_features, mod.out_features, mod.n_expert))
-    layer = int(gname.split(".")[1]) if gname.startswith("blk.") else 0
+    layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None  # None: a stack outside the layers
     raw = _raw(c.mm, c.header, name, t)
-    if layer < c.offload_layers and (c.device.type != "cpu" or OFFLOAD_ON_CPU):
+    if layer is not None and layer < c.offload_layers and (c.device.type != "cpu" or OFFLOAD_ON_CPU):
         top_k = max((m.routing.top_k for m in c.model.modules() if isinstance(getattr(m, "routing", None), Routing)),
                     default=8)
         q = OffloadedExpertLinear(raw, t.qtype, mod.n_expert, mod.out_features, mod.in_features, c.device, name,
@@ -241,7 +241,7 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
     for gname, attr in model.OPTIONAL.items():
         if gname in tensors:
             setattr(model, attr, c.floats(gname, (tensors[gname].n_elements,)).cpu())
-    unknown = sorted(set(tensors) - c.used)
+    unknown = sorted(set(tensors) - c.used - model.unread)
     if unknown:
         raise InvalidModelError(f"{path}: tensors {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} are not "
                                 f"used by the torch engine's {h.architecture} model (an unsupported variant?); "

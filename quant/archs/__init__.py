@@ -10,6 +10,7 @@ from __future__ import annotations
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant.archs.deepseek import DeepseekV3Spec
 from edgeinfer.quant.archs.gemma3 import Gemma3Spec
+from edgeinfer.quant.archs.gemma3n import Gemma3nSpec
 from edgeinfer.quant.archs.llama import LlamaSpec, MistralSpec, MixtralSpec
 from edgeinfer.quant.archs.qwen import Qwen2MoeSpec, Qwen2Spec, Qwen3MoeSpec, Qwen3Spec
 from edgeinfer.quant.spec import ArchContext, ArchSpec
@@ -23,6 +24,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     Qwen2MoeSpec(),
     Qwen3MoeSpec(),
     Gemma3Spec(),
+    Gemma3nSpec(),
     DeepseekV3Spec(),
 )
 
