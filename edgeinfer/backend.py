@@ -45,6 +45,8 @@ class SamplingParams:
     """Sampling parameters shared by all backends (llama.cpp's defaults where it has them).
 
     ``temperature <= 0`` means greedy decoding. ``seed = None`` uses the load-time seed.
+    ``think``: for chat templates with a reasoning switch (``enable_thinking``: Qwen3, Gemma 4),
+    turn reasoning on or off; None leaves the template's default.
     """
 
     temperature: float = 0.8
@@ -56,6 +58,7 @@ class SamplingParams:
     max_tokens: int = 512
     stop: Sequence[str] = ()
     seed: int | None = None
+    think: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -103,23 +103,25 @@ class ChatTemplate:
     def is_fallback(self) -> bool:
         return self.fallback_reason is not None
 
-    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool, extra: dict | None = None) -> str:
         return self._tmpl.render(
+            **(extra or {}),
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` to a prompt string.
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
+        """Render ``messages`` to a prompt string; ``extra`` are more template variables
+        (``enable_thinking``, as transformers' ``apply_chat_template(**kwargs)`` passes them).
 
         Raises:
             TemplateError: the template refuses these messages (e.g. roles it does not accept).
                 A template that tries to leave the sandbox is replaced by ChatML (logged).
         """
         try:
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, extra)
         except TemplateError:
             raise
         except SecurityError as e:
@@ -128,7 +130,7 @@ class ChatTemplate:
             log.warning("%s; using ChatML instead", self.fallback_reason)
             self._tmpl = _env().from_string(CHATML_TEMPLATE)
             self.source = CHATML_TEMPLATE
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, extra)
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise TemplateError(f"{self.name}: chat template failed: {e}") from None
 

@@ -24,6 +24,7 @@ class FakeBackend:
         self.model = model
         self.backend = backend
         self.requests: list = []  # every prompt passed to generate()
+        self.params: list = []  # the SamplingParams of every generate()
         self.closed = False
         self._cancel = threading.Event()
         self.started = threading.Event()  # set when the first token of a reply is out
@@ -55,6 +56,7 @@ class FakeBackend:
         self._cancel.clear()
         self.started.clear()
         self.requests.append([dict(m) for m in prompt] if not isinstance(prompt, str) else prompt)
+        self.params.append(params)
         pieces = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if isinstance(pieces, str):
             pieces = [pieces]
@@ -87,10 +89,12 @@ class FakeLoader:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.loads: list[tuple[str, str]] = []
+        self.options: list = []  # the LoadOptions of every load
         self.backends: list[FakeBackend] = []
 
     def __call__(self, model: str, backend: str, opts) -> FakeBackend:
         self.loads.append((model, backend))
+        self.options.append(opts)
         b = FakeBackend(model=model, backend=backend, **self.kwargs)
         self.backends.append(b)
         return b

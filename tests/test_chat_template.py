@@ -93,3 +93,17 @@ def test_chat_still_works_with_malicious_template(llama_default):
         assert isinstance(evs[-1], DoneEvent) and evs[-1].text.strip()
     finally:
         llama_default.prompts.template = saved
+
+
+def test_think_switch_sets_enable_thinking():
+    """``SamplingParams.think`` reaches the template as ``enable_thinking`` (Qwen3 / Gemma 4 style);
+    None leaves the template's own default."""
+    from edgeinfer.backends.common import PromptBuilder
+
+    src = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+           "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% else %}<think>{% endif %}")
+    pb = PromptBuilder({"tokenizer.chat_template": src}, lambda i: "", "x.gguf", add_bos=False)
+    msgs = [{"role": "user", "content": "hi"}]
+    out = {t: pb.prompt_text(msgs, think=t)[0] for t in (None, True, False)}
+    print(out)
+    assert out == {None: "hi<think>", True: "hi<think>", False: "hi<no-think>"}

@@ -393,3 +393,36 @@ async def test_delete_chat_while_streaming_does_not_crash(tmp_path):
         await pilot.pause(0.05)
         assert app.is_running and app.conv.id != gone
         assert all(m.conversation_id != gone for m in app.store.iter_all_messages())
+
+
+@run_async
+async def test_settings_thinking_and_expert_offload(tmp_path):
+    """The chat's thinking switch reaches the backend with each request; "MoE experts on CPU" reloads
+    the model with those load options (and is kept with the conversation)."""
+    from edgeinfer.backend import ALL_LAYERS
+
+    app, loader = make_app(tmp_path, replies=[["ok"]])
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert loader.options[-1].n_cpu_moe == 0
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), what="settings screen")
+        app.screen.query_one("#think").value = 2  # "off"
+        app.screen.query_one("#n-cpu-moe").value = "all"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen), what="settings to close")
+        await wait_for(pilot, lambda: len(loader.loads) == 2, what="reload with the experts in host memory")
+        assert loader.options[-1].n_cpu_moe == ALL_LAYERS
+        await send(pilot, app, "hi")
+        assert loader.current.params[-1].think is False
+        stored = app.store.get_conversation(app.conv.id).params
+        print(f"stored chat settings: {stored}; loads {loader.loads}")
+        assert stored["think"] is False and stored["n_cpu_moe"] == ALL_LAYERS
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), what="settings screen")
+        assert app.screen.query_one("#n-cpu-moe").value == "all"
+        app.screen.query_one("#n-cpu-moe").value = "lots"
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, SettingsScreen)  # refused with a message, nothing saved
+        await pilot.press("escape")

@@ -155,3 +155,14 @@ def test_picker_quant_is_the_backends_quant_label(tmp_path):
     rows = describe_models(lister=lambda: [ModelEntry("nofiletype", path, "models-folder", path.stat().st_size)])
     print("picker:", rows[0].quant, "| backend ModelInfo.quant:", quant_label(h))
     assert rows[0].quant == quant_label(h) == "Q8_0"
+
+
+def test_expert_offload_box():
+    from edgeinfer.backend import ALL_LAYERS
+    from edgeinfer.tui.screens.settings import offload_text, parse_offload
+
+    assert [parse_offload(t) for t in ("", " 0", "none", "all", "ALL", "3")] == [0, 0, 0, ALL_LAYERS, ALL_LAYERS, 3]
+    assert [offload_text(n) for n in (0, 3, ALL_LAYERS)] == ["", "3", "all"]
+    for bad in ("-1", "lots", "2.5"):
+        with pytest.raises(ValueError, match="experts on CPU"):
+            parse_offload(bad)

@@ -171,9 +171,9 @@ class LlamaCppVocab:
         return self.prompts.template.render(messages, add_generation_prompt)
 
     # -- shared by both backends' generate() / info(); they set self.header, self.path, self.load_s
-    def _prompt_tokens(self, prompt, n_ctx: int) -> list[int]:
+    def _prompt_tokens(self, prompt, n_ctx: int, think: bool | None = None) -> list[int]:
         """Render (chat) and tokenize ``prompt``; refuse an empty prompt or one that fills the context."""
-        text, add_special = self.prompts.prompt_text(prompt)
+        text, add_special = self.prompts.prompt_text(prompt, think)
         tokens = self.tokenize(text, add_special=add_special)
         if not tokens:
             raise BackendError("the prompt is empty after tokenization; give some text")
@@ -222,11 +222,12 @@ class PromptBuilder:
         self.template: ChatTemplate = template_from_gguf_metadata(metadata, token_text, name)
         self.add_bos = add_bos
 
-    def prompt_text(self, prompt: str | Sequence[Message]) -> tuple[str, bool]:
-        """Return ``(text, add_special)`` for the tokenizer."""
+    def prompt_text(self, prompt: str | Sequence[Message], think: bool | None = None) -> tuple[str, bool]:
+        """Return ``(text, add_special)`` for the tokenizer; ``think`` sets the template's ``enable_thinking``."""
         if isinstance(prompt, str):
             return prompt, True
-        text = self.template.render(prompt, add_generation_prompt=True)
+        text = self.template.render(prompt, add_generation_prompt=True,
+                                    extra=None if think is None else {"enable_thinking": think})
         bos = self.template.bos_token
         if self.add_bos and bos and text.startswith(bos):
             text = text[len(bos):]

@@ -172,7 +172,7 @@ class LlamaCppBackend(LlamaCppVocab):
         self._cancel.clear()
         runner = self._ensure_runner()
         n_ctx = self.n_ctx
-        tokens = self._prompt_tokens(prompt, n_ctx)
+        tokens = self._prompt_tokens(prompt, n_ctx, params.think)
         left = n_ctx - len(tokens)
         n_max = min(params.max_tokens, left) if params.max_tokens > 0 else left
         seed = self.seed if params.seed is None else params.seed

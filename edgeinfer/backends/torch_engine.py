@@ -136,7 +136,7 @@ class TorchBackend(LlamaCppVocab):
     def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
         t0 = time.perf_counter()
         self._cancel.clear()
-        tokens = self._prompt_tokens(prompt, self.n_ctx)
+        tokens = self._prompt_tokens(prompt, self.n_ctx, params.think)
         sampler = Sampler(params, self.seed if params.seed is None else params.seed)
         gen = self._token_stream(tokens, sampler)
         yield from self._stream(gen, tokens, params, self.n_ctx, t0)

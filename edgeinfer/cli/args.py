@@ -62,6 +62,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"repeat penalty ({b['repeat_penalty'].note})")
     g.add_argument("--seed", type=b["seed"].kind, default=0, help="random seed")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="reasoning models (Qwen3, Gemma 4): turn thinking on or off in the chat template "
+                        "(default: the template's own default)")
 
 
 def load_options(args):
@@ -79,4 +82,4 @@ def sampling_params(args):
 
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, max_tokens=args.max_tokens,
-                          stop=tuple(args.stop), seed=args.seed)
+                          stop=tuple(args.stop), seed=args.seed, think=getattr(args, "think", None))

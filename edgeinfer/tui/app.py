@@ -194,11 +194,21 @@ class ChatApp(App):
         d = {**self.default_params, **(conv.params or {})}
         return SamplingParams(**{k: v for k, v in d.items() if k in SamplingParams.__dataclass_fields__})
 
+    def _key(self, conv) -> tuple[str, str, int]:
+        """What the chat needs loaded: (model, backend, MoE layers whose experts stay in host memory)."""
+        off = self._offload(conv)
+        return conv.model, conv.backend, self.host.opts.n_cpu_moe if off is None else off
+
+    def _offload(self, conv) -> int | None:
+        """The chat's MoE expert offload setting (None: the app's command-line value)."""
+        v = (conv.params or {}).get("n_cpu_moe") if conv is not None else None
+        return None if v is None else int(v)
+
     # -- workers -------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="load")
     def _load_worker(self, model: str, backend: str) -> None:
         try:
-            self.host.ensure(model, backend, self.post_message)
+            self.host.ensure(model, backend, self.post_message, self._offload(self.conv))
         except Exception as e:  # noqa: BLE001 - reported in the UI, the app keeps running
             self.post_message(S.ModelFailed(str(e)))
             return
@@ -358,7 +368,8 @@ class ChatApp(App):
         turns = [m.as_chat() for m in self.store.messages(conv.id)]
         self._job_seq += 1
         self.job = S.GenJob(self._job_seq, conv.id, conv.model, conv.backend,
-                            history_messages(conv.system_prompt, turns), self.effective_params(conv))
+                            history_messages(conv.system_prompt, turns), self.effective_params(conv),
+                            n_cpu_moe=self._offload(conv))
         self._reply = self.chat.add_message("assistant")
         self._reply_text, self._dirty = "", False
         self._t_first = self._t_last = None
@@ -409,7 +420,7 @@ class ChatApp(App):
             self.store.delete_conversation(old.id)  # leave no empty "New chat" behind
         self.conv = conv
         self._show_conversation()
-        if self.host.key != (conv.model, conv.backend):
+        if self.host.key != self._key(conv):
             self._load_worker(conv.model, conv.backend)
 
     def action_new_chat(self) -> None:
@@ -495,7 +506,8 @@ class ChatApp(App):
     def action_settings(self) -> None:
         p = dataclasses.asdict(self.effective_params())
         current = ChatSettings(self.conv.system_prompt, self.conv.model, self.conv.backend,
-                               {k: p[k] for k, _, _ in PARAM_FIELDS})
+                               {k: p[k] for k, _, _ in PARAM_FIELDS} | {"think": p["think"],
+                                                                        "n_cpu_moe": self._key(self.conv)[2]})
 
         def done(res: ChatSettings | None) -> None:
             if res is not None:
@@ -507,7 +519,7 @@ class ChatApp(App):
         old = self.conv
         self.conv = self.store.update_conversation(old.id, system_prompt=s.system_prompt, model=s.model,
                                                    backend=s.backend, params=s.params)
-        if (s.model, s.backend) != (old.model, old.backend):
+        if self._key(self.conv) != self._key(old):
             self.chat.add_notice(f"Model: {s.model} ({s.backend}); the conversation continues with it")
             if not self.generating:
                 self._load_worker(s.model, s.backend)

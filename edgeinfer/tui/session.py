@@ -7,6 +7,7 @@ thread-safe). Nothing here touches a widget, so the UI never blocks on the model
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -80,6 +81,7 @@ class GenJob:
     messages: list
     params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event)
+    n_cpu_moe: int | None = None  # the chat's MoE expert offload (None: the app's --cpu-moe/--n-cpu-moe)
 
 
 class ModelHost:
@@ -88,25 +90,28 @@ class ModelHost:
     def __init__(self, loader: Loader, opts: LoadOptions):
         self.loader, self.opts = loader, opts
         self.backend: Backend | None = None
-        self.key: tuple[str, str] | None = None
+        self.key: tuple[str, str, int] | None = None  # (model, backend, n_cpu_moe) of the loaded backend
         self._lock = threading.Lock()  # guards self.backend while loading / counting
         self._busy = threading.Lock()  # held while a job generates, so close() waits for it
 
-    def ensure(self, model: str, backend: str, post: Callable[[Message], object]) -> Backend:
-        """Return a backend for ``(model, backend)``, loading it (and closing the old one) if needed.
+    def ensure(self, model: str, backend: str, post: Callable[[Message], object],
+               n_cpu_moe: int | None = None) -> Backend:
+        """Return a backend for ``(model, backend)`` with ``n_cpu_moe`` layers' experts in host memory
+        (None: the load options' value), loading it (and closing the old one) if needed.
 
         Raises:
             EdgeinferError: the model cannot be resolved or loaded.
         """
+        opts = self.opts if n_cpu_moe is None else dataclasses.replace(self.opts, n_cpu_moe=n_cpu_moe)
         with self._lock:
-            if self.backend is not None and self.key == (model, backend):
+            if self.backend is not None and self.key == (model, backend, opts.n_cpu_moe):
                 return self.backend
             post(ModelLoading(model, backend))
             if self.backend is not None:  # free the old model first: two may not fit in memory
                 self.backend.close()
                 self.backend, self.key = None, None
-            b = self.loader(model, backend, self.opts)
-            self.backend, self.key = b, (model, backend)
+            b = self.loader(model, backend, opts)
+            self.backend, self.key = b, (model, backend, opts.n_cpu_moe)
             post(ModelLoaded(b.info(), b.memory_bytes()))
             return b
 
@@ -125,7 +130,7 @@ class ModelHost:
 
     def _run(self, job: GenJob, post: Callable[[Message], object]) -> None:
         try:
-            b = self.ensure(job.model, job.backend, post)
+            b = self.ensure(job.model, job.backend, post, job.n_cpu_moe)
             if job.cancel.is_set():
                 post(GenerationDone(job.id, DoneEvent("cancelled", "")))
                 return

@@ -9,9 +9,11 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, TextArea
 
-from edgeinfer.backend import SAMPLING_BOUNDS
+from edgeinfer.backend import ALL_LAYERS, SAMPLING_BOUNDS
 
 BACKEND_CHOICES = ("llama.cpp", "torch")
+# the chat template's reasoning switch (SamplingParams.think)
+THINK_CHOICES = (("template default", None), ("on", True), ("off", False))
 
 # label of each editable SamplingParams field; types and valid ranges come from SAMPLING_BOUNDS
 PARAM_LABELS = {
@@ -35,6 +37,26 @@ class ChatSettings:
     model: str
     backend: str
     params: dict
+
+
+def parse_offload(text: str) -> int:
+    """The "experts in host memory" box: blank/0 = none, ``all``, or a number of leading layers."""
+    t = text.strip().lower()
+    if t in ("", "0", "none", "off"):
+        return 0
+    if t == "all":
+        return ALL_LAYERS
+    try:
+        n = int(t)
+    except ValueError:
+        raise ValueError(f"experts on CPU: {text!r} is not 'all', blank or a number of layers") from None
+    if n < 0:
+        raise ValueError("experts on CPU must be 'all', blank or a number of layers >= 0")
+    return n
+
+
+def offload_text(n: int) -> str:
+    return "" if not n else "all" if n >= ALL_LAYERS else str(n)
 
 
 def parse_params(values: dict[str, str]) -> dict:
@@ -91,6 +113,14 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     yield Label(label, classes="field-label")
                     yield Input("" if v is None else str(v), id=f"p-{key}", compact=True,
                                 placeholder="load seed" if key == "seed" else "")
+            with Horizontal(classes="row"):
+                yield Label("thinking", classes="field-label")
+                yield Select([(label, i) for i, (label, _) in enumerate(THINK_CHOICES)], allow_blank=False,
+                             value=next(i for i, (_, v) in enumerate(THINK_CHOICES) if v == c.params.get("think")),
+                             id="think", compact=True)
+                yield Label("MoE experts on CPU", classes="field-label")
+                yield Input(offload_text(int(c.params.get("n_cpu_moe") or 0)), id="n-cpu-moe", compact=True,
+                            placeholder="none | all | N")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", id="save", variant="primary", compact=True)
                 yield Button("Pick model (ctrl+o)", id="pick", compact=True)
@@ -103,6 +133,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         """The edited settings; raises ValueError with a message for the user."""
         values = {key: self.query_one(f"#p-{key}", Input).value for key, _, _ in PARAM_FIELDS}
         params = parse_params(values)
+        params["think"] = THINK_CHOICES[int(self.query_one("#think", Select).value)][1]
+        params["n_cpu_moe"] = parse_offload(self.query_one("#n-cpu-moe", Input).value)
         model = self.query_one("#model", Input).value.strip() or "default"
         return ChatSettings(system_prompt=self.query_one("#system-prompt", TextArea).text, model=model,
                             backend=str(self.query_one("#backend", Select).value), params=params)
