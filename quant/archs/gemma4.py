@@ -13,8 +13,8 @@ Everything comes from the config, as transformers' ``Gemma4TextConfig`` reads it
   over the full head dim with the generated ``rope_freqs`` = ``[factor]*rotated + [1e30]*rest``;
 * ``attention_k_eq_v``: full layers have no ``v_proj`` (llama.cpp uses K as V when ``attn_v`` is absent);
 * ``num_kv_shared_layers``: the last layers have no K/V of their own -> ``attention.shared_kv_layers``;
-  refused at plan time where llama.cpp's hard-coded reuse rule would pick other layers than
-  transformers (see :func:`kv_reuse_problem`);
+  where llama.cpp's hard-coded reuse rule would pick other layers than transformers
+  (:func:`kv_reuse_problem`) the config is refused unless ``--torch-only`` (:meth:`llama_cpp_limits`);
 * ``use_double_wide_mlp`` -> a per-layer ``feed_forward_length`` array;
 * the MoE block beside the dense MLP: ``router.proj`` -> ``ffn_gate_inp``, ``router.scale`` ->
   ``ffn_gate_inp.scale``, ``router.per_expert_scale`` -> ``ffn_down_exps.scale``, the fused 3-D
@@ -277,10 +277,10 @@ class Gemma4Spec(ArchSpec):
         if full.get("rope_type", "default") not in ("default", "proportional") or (
                 full.get("rope_type") == "default" and float(full.get("partial_rotary_factor", 1.0)) != 1.0):
             refuse.append(f"full-layer RoPE {full} (supported: proportional, default)")
-        if (why := kv_reuse_problem(c)) is not None:
-            refuse.append(f"KV sharing: {why}; llama.cpp's gemma4 hard-codes that shared sliding layers reuse "
-                          f"layer num_hidden_layers - num_kv_shared_layers - 2 and shared full layers the one "
-                          f"after it")
+        fs = first_shared(c)
+        if fs < c.n_layers and (fs < 1 or any(t not in types[:fs] for t in types[fs:])):
+            refuse.append(f"num_kv_shared_layers={c.n_layers - fs}: a shared layer type has no earlier layer "
+                          f"with K/V to reuse")
         if c.cfg.get("enable_moe_block"):
             missing = [k for k in ("num_experts", "top_k_experts", "moe_intermediate_size") if not c.cfg.get(k)]
             if missing:
@@ -293,6 +293,12 @@ class Gemma4Spec(ArchSpec):
         if refuse:
             raise ConversionError(f"{where}: this Gemma 4 configuration cannot be expressed in llama.cpp's "
                                   f"gemma4 GGUF: " + "; ".join(refuse))
+
+    def llama_cpp_limits(self, c: ArchContext) -> list[str]:
+        why = kv_reuse_problem(c)
+        return [] if why is None else [
+            f"KV sharing: {why} (llama.cpp's gemma4 hard-codes that shared sliding layers reuse layer "
+            f"num_hidden_layers - num_kv_shared_layers - 2 and shared full layers the one after it)"]
 
     def hparams(self, w: gguf.GGUFWriter, c: ArchContext) -> None:
         types = layer_types(c)
