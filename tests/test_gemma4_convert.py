@@ -290,3 +290,36 @@ def test_moe_conversion_streams_experts(tmp_path):
           f"tensor = {big / 4 / 2**20:.0f} MiB; issue bound 3 x largest + 0.5 GiB = {(3 * big + 2**29) / 2**20:.0f} MiB)")
     assert name.endswith("ffn_gate_up_exps.weight")
     assert extra < big / 4 and peak < 3 * big + 2**29
+
+
+# --------------------------------------------------------------------------- edgeinfer inspect
+
+
+def test_inspect_shows_experts_active_parameters_and_ple(ckpt, tmp_path, capsys):
+    """From the GGUF keys and tensor names only, so any MoE / PLE architecture gets it (Mixtral too)."""
+    from edgeinfer.inspect_gguf import summarize
+
+    moe = summarize(convert(ckpt("gemma4_moe"), tmp_path / "moe.gguf", "Q8_0"))
+    e = moe["experts"]
+    # 6 layers x 6 experts x (gate_up 64x64 + down 64x32), 2 of 6 run per token
+    expert_params = 6 * 6 * (64 * 64 + 64 * 32)
+    print("gemma4 MoE:", e, moe["active_parameters"], "of", moe["parameters"])
+    assert e == {"experts": 6, "active": 2, "shared": 1, "layers": 6, "expert_parameters": expert_params}
+    assert moe["active_parameters"] == moe["parameters"] - expert_params * 4 // 6
+    assert moe["per_layer_embeddings"] is None and moe["active_bytes"] < moe["tensor_bytes"]
+
+    e2b = summarize(convert(ckpt("gemma4_e2b"), tmp_path / "e2b.gguf", "Q8_0"))
+    p = e2b["per_layer_embeddings"]
+    print("gemma4 E2B PLE:", p)
+    assert p["parameters"] == 384 * 8 * 32 and p["type"] == "Q8_0"
+    assert p["file_share"] == round(p["bytes"] / (tmp_path / "e2b.gguf").stat().st_size, 4)
+    assert e2b["experts"] is None and e2b["active_parameters"] == e2b["parameters"] - 383 * 8 * 32
+
+    mixtral = summarize(convert(_tiny_models.make_tiny_checkpoint("mixtral", tmp_path / "mx"), tmp_path / "mx.gguf", "F32"))
+    print("mixtral:", mixtral["experts"])
+    assert mixtral["experts"]["experts"] == 4 and mixtral["experts"]["active"] == 2 and mixtral["experts"]["shared"] == 0
+    assert cli(["inspect", str(tmp_path / "moe.gguf")]) == 0 and cli(["inspect", str(tmp_path / "e2b.gguf")]) == 0
+    text = capsys.readouterr().out
+    print(text)
+    assert "6 per MoE layer (6 layers), 2 active per token, 1 shared" in text
+    assert "per-layer embeddings:" in text and "% of the file" in text and "active parameters of" in text
