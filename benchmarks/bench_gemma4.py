@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +108,7 @@ def count_read_bytes(model, ids: list[int], pos: int) -> int:
 def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) -> dict:
     import llama_cpp
     import torch
+    from bench_torch_engine import interleaved_runs  # this folder
 
     from edgeinfer.backend import LoadOptions
     from edgeinfer.backends.torch_engine import TorchBackend
@@ -122,33 +122,7 @@ def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) ->
     ids = tb.tokenize("The quick brown fox jumps over the lazy dog. " * (n_prompt // 8 + 1), add_special=False)[:n_prompt]
     steps = (ids * (n_gen // len(ids) + 1))[:n_gen]
     model = tb.model
-
-    def run_torch():
-        t = time.perf_counter()
-        model(torch.tensor([ids]), 0, last_only=True)
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        for i, tok in enumerate(steps):
-            model(torch.tensor([[tok]]), len(ids) + i, last_only=True)
-        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
-
-    def run_llama():
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids)
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        for tok in steps:
-            llm.eval([tok])
-        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
-
-    run_torch(), run_llama()  # warm-up
-    rows = []
-    for r in range(runs):
-        (tp, td), (lp, ld) = run_torch(), run_llama()
-        rows.append((tp, td, lp, ld))
-        print(f"run {r + 1}: prefill torch {tp:7.1f} / llama.cpp {lp:7.1f} tok/s ({tp / lp:.2f}x)   "
-              f"decode torch {td:6.2f} / llama.cpp {ld:6.2f} tok/s ({td / ld:.2f}x)", flush=True)
+    rows = interleaved_runs(model, torch.device("cpu"), llm, ids, steps, runs)
     model.setup(n_ctx, torch.device("cpu"), torch.float32)
     model(torch.tensor([ids]), 0, last_only=True)
     read = statistics.median(count_read_bytes(model, [steps[i]], len(ids) + i) for i in range(8))
@@ -167,33 +141,12 @@ def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) ->
     return res
 
 
-PEAK_RSS = r"""
-import json, sys
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
-backend, path, lazy = sys.argv[1], sys.argv[2], sys.argv[3]
-if lazy == "on":  # llama_model_params.lazy_mode (llama-cpp-python's Llama() has no argument for it)
-    import llama_cpp, llama_cpp.llama as L
-    real = llama_cpp.llama_model_default_params
-    def params():
-        p = real()
-        p.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON
-        return p
-    L.llama_cpp.llama_model_default_params = params
-from edgeinfer.backend import LoadOptions, SamplingParams
-from edgeinfer.backends import load_backend
-b = load_backend(backend, path, LoadOptions(n_ctx=256, n_threads=2))
-done = list(b.generate("The quick brown fox jumps over the lazy dog", SamplingParams(temperature=0, max_tokens=16)))[-1]
-print(json.dumps({"peak": status("VmHWM"), "file_rss": status("RssFile"), "tokens": done.timings.generated_tokens}))
-"""
-
-
 def peak_rss(backend: str, path: Path, lazy: str = "default") -> dict:
-    r = subprocess.run([sys.executable, "-c", PEAK_RSS, backend, str(path), lazy], capture_output=True, text=True,
-                       timeout=900, cwd=ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """Peak RSS of loading ``path`` in a fresh process and generating 16 tokens (tests/_gemma4.py)."""
+    tiny_models()  # puts tests/ on sys.path
+    import _gemma4
+
+    return _gemma4.peak_rss(backend, path, lazy)
 
 
 def bench_ple(ple: Path, twin: Path, reps: int) -> dict:

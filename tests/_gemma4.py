@@ -149,3 +149,40 @@ def top1_disagreements(ref: np.ndarray, got: np.ndarray) -> list[tuple[int, floa
         if margin >= 2 * diff:
             out.append((int(i), margin, diff))
     return out
+
+
+#: Load a GGUF in a backend in a fresh process, generate 16 tokens, print peak RSS (VmHWM: this
+#: process's own; ru_maxrss would include the forking parent's) and file-backed RSS as JSON.
+#: ``lazy="on"`` sets llama.cpp's ``llama_model_params.lazy_mode = LLAMA_LAZY_MODE_ON`` (llama-cpp-
+#: python's ``Llama()`` has no argument for it), which makes llama.cpp read the PLE table by row.
+PEAK_RSS = r"""
+import json, sys
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+backend, path, lazy = sys.argv[1], sys.argv[2], sys.argv[3]
+if lazy == "on":
+    import llama_cpp, llama_cpp.llama as L
+    real = llama_cpp.llama_model_default_params
+    def params():
+        p = real()
+        p.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON
+        return p
+    L.llama_cpp.llama_model_default_params = params
+from edgeinfer.backend import LoadOptions, SamplingParams
+from edgeinfer.backends import load_backend
+b = load_backend(backend, path, LoadOptions(n_ctx=256, n_threads=2))
+done = list(b.generate("The quick brown fox jumps over the lazy dog", SamplingParams(temperature=0, max_tokens=16)))[-1]
+print(json.dumps({"peak": status("VmHWM"), "file_rss": status("RssFile"), "tokens": done.timings.generated_tokens,
+                  "text": done.text}))
+"""
+
+
+def peak_rss(backend: str, path, lazy: str = "default") -> dict:
+    """Run :data:`PEAK_RSS` for ``backend`` on ``path``; its JSON result."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, backend, str(path), lazy], capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"{backend} on {path}: {r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

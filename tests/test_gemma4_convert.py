@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import _gemma4

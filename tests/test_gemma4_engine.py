@@ -18,10 +18,6 @@ Tolerances (relative L2 error of the logits over 24 tokens; measured in brackets
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -234,35 +230,8 @@ def test_kv_reuse_llama_cpp_gets_wrong_runs_with_torch_only(tmp_path, capsys):
 # --------------------------------------------------------------------------- per-layer embeddings stay mapped
 
 
-PLE_RSS = r"""
-import json, sys
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
-backend, path, lazy = sys.argv[1], sys.argv[2], sys.argv[3]
-if backend == "llama.cpp":
-    import llama_cpp, llama_cpp.llama as L
-    if lazy != "default":  # llama_model_params.lazy_mode: llama-cpp-python has no Llama() argument for it
-        real = llama_cpp.llama_model_default_params
-        def params():
-            p = real()
-            p.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON
-            return p
-        L.llama_cpp.llama_model_default_params = params
-from edgeinfer.backend import LoadOptions, SamplingParams
-from edgeinfer.backends import load_backend
-b = load_backend(backend, path, LoadOptions(n_ctx=256, n_threads=2))
-loaded = status("VmRSS")
-done = list(b.generate("The quick brown fox jumps over the lazy dog", SamplingParams(temperature=0, max_tokens=16)))[-1]
-print(json.dumps({"peak": status("VmHWM"), "loaded": loaded, "file_rss": status("RssFile"),
-                  "tokens": done.timings.generated_tokens, "text": done.text}))
-"""
-
-
 def _peak(backend: str, path, lazy: str = "default") -> dict:
-    r = subprocess.run([sys.executable, "-c", PLE_RSS, backend, str(path), lazy], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _gemma4.peak_rss(backend, path, lazy)
 
 
 @pytest.fixture(scope="module")
