@@ -130,8 +130,11 @@ class Experts(nn.Module):
         """x [T, dim], idx / w [T, k] -> sum_j w[t, j] * expert_{idx[t, j]}(x[t]): [T, dim] float32."""
         t, k = idx.shape
         if t == 1:  # decode: k experts of one row; same sum in the same (expert id) order, no gather/scatter
+            pairs = sorted(zip(idx[0].tolist(), w[0].float().tolist()))
+            for proj in self.projections():
+                proj.will_use([e for e, _ in pairs])
             out = None
-            for e, we in sorted(zip(idx[0].tolist(), w[0].float().tolist())):
+            for e, we in pairs:
                 y = self.one(e, x) * we
                 out = y if out is None else out + y
             return out

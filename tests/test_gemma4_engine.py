@@ -287,3 +287,23 @@ def test_what_llama_cpp_does_with_the_ple_table(ple_pair):
     assert lazy["text"] == default["text"] and lazy["tokens"] == 16
     assert lazy["peak"] <= 1.15 * twin["peak"]
     assert default["peak"] - twin["peak"] > 0.8 * table
+
+
+def test_expert_offload_gives_the_same_numbers(f32_file, monkeypatch):
+    """--cpu-moe's offload path (forced on CPU, an expert cache of 1) on Gemma 4's fused experts with
+    their per-expert scales: prefill and one-token decode steps equal the resident model exactly."""
+    import edgeinfer.engine.loader as loader
+    from edgeinfer.backend import ALL_LAYERS
+
+    path = f32_file("gemma4_moe", "Q8_0")
+    ids = _gemma4.TOKENS[:12]
+    plain, _ = loader.load_model(path, torch.device("cpu"), 32)
+    monkeypatch.setattr(loader, "OFFLOAD_ON_CPU", True)
+    off, rep = loader.load_model(path, torch.device("cpu"), 32, offload_layers=ALL_LAYERS, expert_cache=1)
+    outs = []
+    for m in (plain, off):
+        pre = m(torch.tensor([ids[:8]]), 0)[0]
+        steps = [m(torch.tensor([[t]]), 8 + i)[0] for i, t in enumerate(ids[8:])]
+        outs.append(torch.cat([pre, *steps]))
+    print(f"offloaded: {dict(rep.paths)}, {rep.offloaded_bytes} bytes in host memory")
+    assert rep.offloaded_bytes > 0 and torch.equal(outs[0], outs[1])
