@@ -216,7 +216,8 @@ def wide_moe_ple(tmp_path_factory):
         layer_types=[S, S, F, S, S, F])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M", *(pytest.param(q, marks=pytest.mark.slow)
+                                                  for q in ("Q5_1", "Q2_K", "Q3_K_M", "Q5_K_S", "Q6_K"))])
 def test_types_and_bytes_equal_llama_quantize(wide_moe_ple, tmp_path, qtype):
     """Our direct conversion = llama_model_quantize(our F32 file): same type for every tensor (PLE table
     in the tied token_embd category, per_layer_model_proj and the router kept F32, 3-D experts by the
