@@ -323,3 +323,16 @@ def test_inspect_shows_experts_active_parameters_and_ple(ckpt, tmp_path, capsys)
     print(text)
     assert "6 per MoE layer (6 layers), 2 active per token, 1 shared" in text
     assert "per-layer embeddings:" in text and "% of the file" in text and "active parameters of" in text
+
+
+def test_hub_config_form_gives_the_same_file(ckpt, tmp_path):
+    """Hub configs name the global head size and KV heads (``global_head_dim``,
+    ``num_global_key_value_heads``); save_pretrained writes ``per_layer_config`` instead. Same file."""
+    folder = shutil.copytree(ckpt("gemma4_dense"), tmp_path / "hub")
+    cfg = json.loads((folder / "config.json").read_text())
+    print("save_pretrained's per_layer_config:", cfg["per_layer_config"])
+    _edit_config(folder, per_layer_config=None, global_head_dim=64, num_global_key_value_heads=1)
+    a = _gemma4.gguf_contents(convert(ckpt("gemma4_dense"), tmp_path / "a.gguf", "Q8_0"))
+    b = _gemma4.gguf_contents(convert(folder, tmp_path / "b.gguf", "Q8_0"))
+    a[0].pop("general.name"), b[0].pop("general.name")
+    assert a == b
