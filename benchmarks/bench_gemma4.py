@@ -17,9 +17,10 @@
    read by row; the MoE roofline) and the whole file; x decode tok/s = the bandwidth each engine
    achieves.
 3. **Per-layer embeddings.** An E2B-shaped model with a 65536-token vocabulary (F16: a 256 MiB PLE
-   table beside ~10 MiB of other weights) and its twin without PLE: peak RSS (VmHWM, fresh process:
-   load + 16 generated tokens) in the torch engine and in the llama.cpp backend, the latter also
-   with ``lazy_mode = LLAMA_LAZY_MODE_ON`` (the only way llama.cpp reads the table by row below 4 GiB).
+   table beside ~10 MiB of other weights) and its twin without PLE: peak RSS (VmHWM of the process
+   holding the model, fresh: load + 16 generated tokens) in the torch engine, in edgeinfer's
+   llama.cpp runner (``lazy_mode = ON``: llama.cpp reads the table by row) and in stock
+   llama-cpp-python (lazy_mode AUTO: below 4 GiB the whole file is populated).
 
 Checkpoints and GGUFs are cached in ``--workdir`` (default ``benchmarks/out/gemma4``).
 """
@@ -106,19 +107,19 @@ def count_read_bytes(model, ids: list[int], pos: int) -> int:
 
 
 def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) -> dict:
-    import llama_cpp
     import torch
     from bench_torch_engine import interleaved_runs  # this folder
 
     from edgeinfer.backend import LoadOptions
+    from edgeinfer.backends.llama_placement import open_llama
     from edgeinfer.backends.torch_engine import TorchBackend
     from edgeinfer.gguf_check import validate_gguf
     from edgeinfer.inspect_gguf import usage
 
     n_ctx = n_prompt + n_gen + 8
     tb = TorchBackend(path, LoadOptions(n_ctx=n_ctx, n_threads=threads, device="cpu"))
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          n_batch=max(512, n_prompt), n_gpu_layers=0, verbose=False)
+    llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=max(512, n_prompt),
+                     n_gpu_layers=0, verbose=False)
     ids = tb.tokenize("The quick brown fox jumps over the lazy dog. " * (n_prompt // 8 + 1), add_special=False)[:n_prompt]
     steps = (ids * (n_gen // len(ids) + 1))[:n_gen]
     model = tb.model
@@ -141,26 +142,26 @@ def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) ->
     return res
 
 
-def peak_rss(backend: str, path: Path, lazy: str = "default") -> dict:
-    """Peak RSS of loading ``path`` in a fresh process and generating 16 tokens (tests/_gemma4.py)."""
+def peak_rss(how: str, path: Path) -> dict:
+    """Peak RSS of the process holding the model, fresh, load + 16 tokens (tests/_gemma4.py)."""
     tiny_models()  # puts tests/ on sys.path
     import _gemma4
 
-    return _gemma4.peak_rss(backend, path, lazy)
+    return _gemma4.peak_rss(how, path)
 
 
 def bench_ple(ple: Path, twin: Path, reps: int) -> dict:
     from edgeinfer.gguf_check import validate_gguf
 
     table = next(t.nbytes for t in validate_gguf(ple).tensors if t.name == "per_layer_token_embd.weight")
-    cases = {"torch": ("torch", "default"), "llama.cpp": ("llama.cpp", "default"), "llama.cpp lazy": ("llama.cpp", "on")}
     res = {"table_bytes": table, "ple_file": ple.stat().st_size, "twin_file": twin.stat().st_size}
-    for label, (backend, lazy) in cases.items():
-        a = [peak_rss(backend, ple, lazy)["peak"] for _ in range(reps)]
-        b = [peak_rss(backend, twin, lazy)["peak"] for _ in range(reps)]
-        res[label] = {"ple": statistics.median(a), "twin": statistics.median(b)}
-        print(f"{label:15s} peak RSS with PLE {res[label]['ple'] / 2**20:7.1f} MiB, twin {res[label]['twin'] / 2**20:7.1f} "
-              f"MiB: {res[label]['ple'] / res[label]['twin']:.3f}x (target <= 1.15)", flush=True)
+    labels = {"torch": "torch engine", "llama.cpp": "llama.cpp runner", "raw": "stock llama-cpp-python"}
+    for how, label in labels.items():
+        a = [peak_rss(how, ple)["peak"] for _ in range(reps)]
+        b = [peak_rss(how, twin)["peak"] for _ in range(reps)]
+        res[how] = {"ple": statistics.median(a), "twin": statistics.median(b)}
+        print(f"{label:23s} peak RSS with PLE {res[how]['ple'] / 2**20:7.1f} MiB, twin {res[how]['twin'] / 2**20:7.1f} "
+              f"MiB: {res[how]['ple'] / res[how]['twin']:.3f}x (target <= 1.15)", flush=True)
     return res
 
 

@@ -36,8 +36,10 @@ from torch import nn
 
 from edgeinfer.errors import InvalidModelError
 from edgeinfer.models.base import MLP, Attention, AttnConfig, Block, ModelArgs, RMSNorm, RopeConfig, Scale, Step, \
-    Transformer, activation
+    Transformer
+from edgeinfer.models.cache import kv_sources
 from edgeinfer.models.moe import MoE, Routing, route
+from edgeinfer.models.ple import PerLayerGate, PerLayerInputs
 
 
 @dataclass
@@ -66,20 +68,6 @@ def _per_layer(v, n: int, what: str, path: str) -> tuple:
     return (int(v),) * n
 
 
-def kv_sources(swa: tuple, n_shared: int) -> list[int | None]:
-    """Per layer: the layer whose K/V it reuses (None: its own). A shared layer reads the last
-    non-shared layer of its own type (HF ``Gemma4TextConfig.kv_sharing_modes``)."""
-    n = len(swa)
-    first = n - n_shared
-    out: list[int | None] = [None] * n
-    for i in range(first, n):
-        src = next((j for j in range(first - 1, -1, -1) if swa[j] == swa[i]), None)
-        if src is None:
-            raise InvalidModelError(f"layer {i} shares K/V but no earlier layer of its type has any")
-        out[i] = src
-    return out
-
-
 def args_from_gguf(md: dict, tensors: dict, path: str = "") -> Gemma4Args:
     """Build :class:`Gemma4Args` from GGUF metadata and tensor shapes (``tensors``: name -> ggml shape)."""
     arch = md["general.architecture"]
@@ -99,7 +87,7 @@ def args_from_gguf(md: dict, tensors: dict, path: str = "") -> Gemma4Args:
                           float(md.get(f"{arch}.rope.freq_base_swa", 10000.0)), style="neox")
     rope_full = RopeConfig(int(md.get(f"{arch}.rope.dimension_count", hd_full)),
                            float(md.get(f"{arch}.rope.freq_base", 1e6)), style="neox", factors="rope_freqs")
-    sources = kv_sources(swa, int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0))
+    sources = kv_sources(swa, int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0), path)
     attn = []
     for i in range(n):
         own = sources[i] is None
@@ -160,10 +148,7 @@ class Gemma4Block(Block):
             self.post_ffw_norm_1 = RMSNorm(a.dim, a.norm_eps)
             self.post_ffw_norm_2 = RMSNorm(a.dim, a.norm_eps)
         if a.ple_dim:
-            self.inp_gate = nn.Linear(a.dim, a.ple_dim, bias=False)
-            self.proj = nn.Linear(a.ple_dim, a.dim, bias=False)
-            self.post_norm = RMSNorm(a.dim, a.norm_eps)
-            self.act = activation(a.act)
+            self.ple = PerLayerGate(a.dim, a.ple_dim, a.norm_eps, a.act)
         if a.out_scale:
             self.layer_output_scale = Scale(1)
 
@@ -177,8 +162,7 @@ class Gemma4Block(Block):
             m = self.post_ffw_norm_1(m) + self.post_ffw_norm_2(e)
         h = h + self.post_ffw_norm(m)
         if step.layer_inputs is not None:
-            g = self.act(self.inp_gate(h)) * step.layer_inputs[:, :, self.i]  # [1, S, P]
-            h = h + self.post_norm(self.proj(g))
+            h = h + self.ple(h, step.layer_inputs[:, :, self.i])
         if hasattr(self, "layer_output_scale"):
             h = self.layer_output_scale(h)
         return h
@@ -186,24 +170,15 @@ class Gemma4Block(Block):
 
 class Gemma4(Transformer):
     """The decoder plus, with per-layer embeddings, the PLE table (kept in the memory map) and its
-    context projection."""
+    context projection (:class:`~edgeinfer.models.ple.PerLayerInputs`)."""
 
     def __init__(self, a: Gemma4Args):
         super().__init__(a, [Gemma4Block(a, i) for i in range(a.n_layer)])
-        if a.ple_dim:
-            self.per_layer_token_embd = nn.Embedding(a.vocab_size, a.n_layer * a.ple_dim)
-            self.per_layer_model_proj = nn.Linear(a.dim, a.n_layer * a.ple_dim, bias=False)
-            self.per_layer_proj_norm = RMSNorm(a.ple_dim, a.norm_eps)
+        self.ple = PerLayerInputs(a.vocab_size, a.n_layer, a.dim, a.ple_dim, a.norm_eps) if a.ple_dim else None
 
     def layer_inputs(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
-        """ids [1, S], h [1, S, dim] (the scaled embedding) -> per-layer inputs [1, S, n_layer, P]."""
-        a = self.args
-        if not a.ple_dim:
-            return None
-        shape = (*ids.shape, a.n_layer, a.ple_dim)
-        tok = self.per_layer_token_embd(ids).reshape(shape) * math.sqrt(a.ple_dim)  # only these rows are read
-        ctx = self.per_layer_proj_norm((self.per_layer_model_proj(h) / math.sqrt(a.dim)).reshape(shape))
-        return (ctx + tok) * (2.0 ** -0.5)
+        """ids [1, S], h [1, S, dim] (the scaled embedding) -> per-layer inputs [1, S, n_layer, P], or None."""
+        return self.ple(ids, h) if self.ple is not None else None
 
 
 def build(a: Gemma4Args) -> Transformer:

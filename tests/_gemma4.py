@@ -97,10 +97,10 @@ def hf_logits(folder, tokens=TOKENS, ggml: bool = False, qtype: str | None = Non
 
 def llama_logits(path, tokens=TOKENS, n_threads: int = 2) -> np.ndarray:
     """llama.cpp's logits for every position (F32 KV cache: ``type_k = type_v = 0``)."""
-    from llama_cpp import Llama
+    from edgeinfer.backends.llama_placement import open_llama
 
-    llm = Llama(str(path), n_ctx=64, n_threads=n_threads, n_batch=64, logits_all=True, verbose=False,
-                type_k=0, type_v=0)
+    llm = open_llama(path, n_ctx=64, n_threads=n_threads, n_batch=64, logits_all=True, verbose=False,
+                     type_k=0, type_v=0)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -151,38 +151,43 @@ def top1_disagreements(ref: np.ndarray, got: np.ndarray) -> list[tuple[int, floa
     return out
 
 
-#: Load a GGUF in a backend in a fresh process, generate 16 tokens, print peak RSS (VmHWM: this
-#: process's own; ru_maxrss would include the forking parent's) and file-backed RSS as JSON.
-#: ``lazy="on"`` sets llama.cpp's ``llama_model_params.lazy_mode = LLAMA_LAZY_MODE_ON`` (llama-cpp-
-#: python's ``Llama()`` has no argument for it), which makes llama.cpp read the PLE table by row.
+#: Load a GGUF in a fresh process, generate 16 tokens greedily, print the model process's peak RSS
+#: (VmHWM -- its own, where ru_maxrss would include the forking parent's) and file-backed RSS as JSON.
+#: ``torch``: the torch engine in this process; ``llama.cpp``: edgeinfer's llama.cpp backend, whose
+#: model lives in its runner process (measured there); ``raw``: llama-cpp-python's ``Llama`` with
+#: llama.cpp's own defaults (lazy_mode AUTO), what stock llama.cpp does with the file.
 PEAK_RSS = r"""
 import json, sys
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
-backend, path, lazy = sys.argv[1], sys.argv[2], sys.argv[3]
-if lazy == "on":
-    import llama_cpp, llama_cpp.llama as L
-    real = llama_cpp.llama_model_default_params
-    def params():
-        p = real()
-        p.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON
-        return p
-    L.llama_cpp.llama_model_default_params = params
+def status(key, pid="self"):
+    return next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith(key + ":"))
+how, path = sys.argv[1], sys.argv[2]
+prompt = "The quick brown fox jumps over the lazy dog"
+if how == "raw":
+    from llama_cpp import Llama
+    llm = Llama(path, n_ctx=256, n_threads=2, verbose=False)
+    out = []
+    for t in llm.generate(llm.tokenize(prompt.encode()), temp=0.0, top_k=1):
+        if len(out) == 16 or llm.token_eos() == t:
+            break
+        out.append(t)
+    print(json.dumps({"peak": status("VmHWM"), "file_rss": status("RssFile"), "tokens": len(out),
+                      "text": llm.detokenize(out).decode("utf-8", "replace")}))
+    sys.exit(0)
 from edgeinfer.backend import LoadOptions, SamplingParams
 from edgeinfer.backends import load_backend
-b = load_backend(backend, path, LoadOptions(n_ctx=256, n_threads=2))
-done = list(b.generate("The quick brown fox jumps over the lazy dog", SamplingParams(temperature=0, max_tokens=16)))[-1]
-print(json.dumps({"peak": status("VmHWM"), "file_rss": status("RssFile"), "tokens": done.timings.generated_tokens,
-                  "text": done.text}))
+b = load_backend(how, path, LoadOptions(n_ctx=256, n_threads=2))
+done = list(b.generate(prompt, SamplingParams(temperature=0, max_tokens=16)))[-1]
+pid = getattr(b, "runner_pid", None) or "self"
+print(json.dumps({"peak": status("VmHWM", pid), "file_rss": status("RssFile", pid),
+                  "tokens": done.timings.generated_tokens, "text": done.text}))
 """
 
 
-def peak_rss(backend: str, path, lazy: str = "default") -> dict:
-    """Run :data:`PEAK_RSS` for ``backend`` on ``path``; its JSON result."""
+def peak_rss(how: str, path) -> dict:
+    """Run :data:`PEAK_RSS` (``how``: torch, llama.cpp or raw) on ``path``; its JSON result."""
     import json
 
-    r = subprocess.run([sys.executable, "-c", PEAK_RSS, backend, str(path), lazy], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, how, str(path)], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
-        raise RuntimeError(f"{backend} on {path}: {r.stderr[-3000:]}")
+        raise RuntimeError(f"{how} on {path}: {r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

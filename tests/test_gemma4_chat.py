@@ -2,7 +2,7 @@
 
 * The real template (google/gemma-4-31B-it, embedded in the tiny checkpoint and hence in the GGUF)
   renders in edgeinfer's sandbox exactly as transformers' ``apply_chat_template`` renders it,
-  thought channels of earlier replies stripped.
+  thought channels of earlier replies stripped, with the thinking switch on, off or unset.
 * The backends' prompt: the GGUF's template, BOS once, the turn markers single control tokens.
 * The TUI on a real Gemma 4 GGUF (its vocabulary, template and llama.cpp's token pieces; only the
   generated token ids are scripted, since a random model never writes a thought channel): the
@@ -40,18 +40,27 @@ def gemma4(tmp_path_factory):
     return folder, convert(folder, root / "g.gguf", "Q8_0")
 
 
+@pytest.mark.parametrize("think", [None, True, False])
 @pytest.mark.parametrize("chat", CHATS)
-def test_template_renders_in_the_sandbox_like_transformers(gemma4, chat):
+def test_template_renders_in_the_sandbox_like_transformers(gemma4, chat, think):
+    """Also with the thinking switch (``enable_thinking``): on, the system turn opens with <|think|>
+    and the model's turn is left open for its thought channel; off (the default), an empty thought
+    channel is closed in the prompt."""
     from transformers import AutoTokenizer
 
     folder, _ = gemma4
     ours = ChatTemplate(_tiny_models.GEMMA4_CHAT_TEMPLATE, bos_token="<bos>", eos_token="<turn|>", name="gemma4")
     assert not ours.is_fallback, ours.fallback_reason
-    ref = AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    got = ours.render(chat)
+    kw = {} if think is None else {"enable_thinking": think}
+    ref = AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False, add_generation_prompt=True,
+                                                                    **kw)
+    got = ours.render(chat, extra=kw or None)
     print(repr(got))
-    assert got == ref
-    assert got.endswith("<|turn>model\n<|channel>thought\n<channel|>") and "greets" not in got
+    assert got == ref and "greets" not in got
+    if think:
+        assert got.startswith("<bos><|turn>system\n<|think|>") and got.endswith("<|turn>model\n")
+    else:
+        assert got.endswith("<|turn>model\n<|channel>thought\n<channel|>")
 
 
 def test_backend_prompt_uses_the_gguf_template(gemma4):
@@ -81,9 +90,9 @@ def _scripted_backend(path, script: list[int]):
 
         def generate(self, prompt, params):
             self.requests.append([dict(m) for m in prompt])
-            tokens = self._prompt_tokens(prompt, self.llm.n_ctx())
+            tokens = self._prompt_tokens(prompt, self.n_ctx, params.think)
             self._cancel.clear()
-            return self._stream((t for t in script), tokens, params, self.llm.n_ctx(), time.perf_counter())
+            return self._stream((t for t in script), tokens, params, self.n_ctx, time.perf_counter())
 
     return Scripted(path, LoadOptions(n_ctx=512, n_threads=2))
 
