@@ -52,6 +52,50 @@ def gguf_weight_bytes(path) -> int:
     return total
 
 
+def interleaved_runs(model, dev, llm, ids: list[int], steps: list[int], runs: int) -> list[tuple]:
+    """Prefill ``ids`` then decode ``steps`` one token at a time in the torch ``model`` and in the
+    llama-cpp-python ``llm``, alternately, after one warm-up each; prints every run.
+
+    Returns:
+        per run ``(torch prefill, torch decode, llama.cpp prefill, llama.cpp decode)`` tok/s.
+    """
+    import torch
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_torch():
+        t = time.perf_counter()
+        model(torch.tensor([ids], device=dev), 0, last_only=True)
+        sync()
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        for i, tok in enumerate(steps):
+            model(torch.tensor([[tok]], device=dev), len(ids) + i, last_only=True)
+        sync()
+        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
+
+    def run_llama():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        for tok in steps:
+            llm.eval([tok])
+        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
+
+    run_torch(), run_llama()  # warm-up
+    rows = []
+    for r in range(runs):
+        (tp, td), (lp, ld) = run_torch(), run_llama()
+        rows.append((tp, td, lp, ld))
+        print(f"run {r + 1}: prefill torch {tp:7.1f} / llama.cpp {lp:7.1f} tok/s ({tp / lp:.2f}x)   "
+              f"decode torch {td:6.2f} / llama.cpp {ld:6.2f} tok/s ({td / ld:.2f}x)", flush=True)
+    return rows
+
+
 def bench_kernels(threads: int) -> None:
     """Per-layer CPU matmul options for the default model's shapes (M=1 decode and M=128 prefill)."""
     import gguf
@@ -122,8 +166,6 @@ def main() -> int:
                     help="llama.cpp layers on the GPU (default: 0 with --device cpu, else all)")
     args = ap.parse_args()
 
-    import torch
-
     from edgeinfer.backend import LoadOptions
     from edgeinfer.backends.llama_placement import open_llama
     from edgeinfer.backends.common import default_threads
@@ -135,46 +177,15 @@ def main() -> int:
     n_ctx = args.prompt + args.gen + 8
     tb = TorchBackend(path, LoadOptions(n_ctx=n_ctx, n_threads=threads, device=args.device))
     llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          n_batch=max(512, args.prompt), verbose=False,
-                          n_gpu_layers=args.llama_gpu_layers if args.llama_gpu_layers is not None
-                          else (0 if args.device == "cpu" else -1))
+                     n_batch=max(512, args.prompt), verbose=False,
+                     n_gpu_layers=args.llama_gpu_layers if args.llama_gpu_layers is not None
+                     else (0 if args.device == "cpu" else -1))
     ids = tb.tokenize("The quick brown fox jumps over the lazy dog. " * (args.prompt // 8 + 1),
                       add_special=False)[: args.prompt]
     steps = (ids * (args.gen // len(ids) + 1))[: args.gen]
     model, dev = tb.model, tb.device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    def run_torch():
-        t = time.perf_counter()
-        model(torch.tensor([ids], device=dev), 0, last_only=True)
-        sync()
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        for i, tok in enumerate(steps):
-            model(torch.tensor([[tok]], device=dev), len(ids) + i, last_only=True)
-        sync()
-        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
-
-    def run_llama():
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids)
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        for tok in steps:
-            llm.eval([tok])
-        return len(ids) / tp, len(steps) / (time.perf_counter() - t)
-
-    run_torch(), run_llama()  # warm-up
-    rows = []
-    for r in range(args.runs):
-        (tp, td), (lp, ld) = run_torch(), run_llama()
-        rows.append((tp, td, lp, ld))
-        print(f"run {r + 1}: prefill torch {tp:7.1f} / llama.cpp {lp:7.1f} tok/s ({tp / lp:.2f}x)   "
-              f"decode torch {td:6.1f} / llama.cpp {ld:6.1f} tok/s ({td / ld:.2f}x)")
+    rows = interleaved_runs(model, dev, llm, ids, steps, args.runs)
     med = [statistics.median(c) for c in zip(*rows)]
     pr = statistics.median(r[0] / r[2] for r in rows)
     dr = statistics.median(r[1] / r[3] for r in rows)

@@ -1,4 +1,5 @@
-"""Summarize a GGUF: architecture, hyperparameters, parameters, bytes per quant type, tokenizer."""
+"""Summarize a GGUF: architecture, hyperparameters, parameters (total and active per token), experts,
+per-layer embeddings, bytes per quant type, tokenizer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,61 @@ def quant_label(h: GGUFFile) -> str:
             pass
     counts = Counter(t.qtype.name for t in h.tensors if len(t.shape) >= 2)
     return counts.most_common(1)[0][0] if counts else "?"
+
+
+def _stem(name: str) -> str:
+    """``blk.3.ffn_down_exps.weight`` -> ``ffn_down_exps``; ``per_layer_token_embd.weight`` -> itself."""
+    parts = name.split(".")
+    return parts[2] if len(parts) > 3 and parts[0] == "blk" else parts[0]
+
+
+def usage(h: GGUFFile) -> dict:
+    """What one token reads of the model, from the GGUF keys and tensor names alone (any architecture).
+
+    * experts: ``{arch}.expert_count`` routed experts per MoE layer (3-D ``*_exps`` tensors), of
+      which ``expert_used_count`` run per token; shared experts from ``expert_shared_count``, or one
+      per layer that has ``*_shexp`` tensors or a dense FFN beside its experts (Gemma 4's MLP);
+    * active parameters / bytes per token: every tensor, except that routed experts count
+      ``used / count`` of their size and tables read by row (``per_layer_token_embd``, and
+      ``token_embd`` when a separate ``output`` exists) count one row;
+    * per-layer embeddings: the PLE table's size and share of the file.
+    """
+    import gguf
+
+    arch = h.architecture
+    n_exp = int(h.metadata.get(f"{arch}.expert_count", 0) or 0)
+    n_used = int(h.metadata.get(f"{arch}.expert_used_count", 0) or 0)
+    names = {t.name for t in h.tensors}
+    row_read = {"per_layer_token_embd"} | ({"token_embd"} if "output.weight" in names else set())
+    total = active = total_b = active_b = 0
+    exp_params = exp_layers = 0
+    shared_layers: set[int] = set()
+    ple = next((t for t in h.tensors if t.name == "per_layer_token_embd.weight"), None)
+    for t in h.tensors:
+        stem, n, b = _stem(t.name), t.n_elements, t.nbytes
+        total, total_b = total + n, total_b + b
+        if n_exp and stem.endswith("_exps") and len(t.shape) == 3 and t.shape[2] == n_exp and n_used:
+            exp_params += n
+            n, b = n * n_used // n_exp, b * n_used // n_exp
+        elif stem in row_read and len(t.shape) == 2:
+            n, b = t.shape[0], b // t.shape[1]
+        active, active_b = active + n, active_b + b
+        if stem.endswith("_shexp") or stem == "ffn_down":
+            shared_layers.add(int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1)
+    moe = None
+    if n_exp:
+        layers = {int(t.name.split(".")[1]) for t in h.tensors if t.name.startswith("blk.") and "_exps" in t.name}
+        exp_layers = len(layers)
+        shared = h.metadata.get(f"{arch}.expert_shared_count")
+        shared = int(shared) if shared is not None else int(bool(layers) and layers <= shared_layers)
+        moe = {"experts": n_exp, "active": n_used, "shared": shared, "layers": exp_layers, "expert_parameters": exp_params}
+    out = {"parameters": total, "active_parameters": active, "tensor_bytes": total_b, "active_bytes": active_b,
+           "moe": moe, "ple": None}
+    if ple is not None:
+        out["ple"] = {"parameters": ple.n_elements, "bytes": ple.nbytes, "type": gguf.GGMLQuantizationType(ple.qtype).name,
+                      "file_share": round(ple.nbytes / h.file_size, 4) if h.file_size else 0.0,
+                      "row_bytes": ple.nbytes // ple.shape[1]}
+    return out
 
 
 def summarize(path: str | Path, with_tensors: bool = False) -> dict:
@@ -67,6 +123,9 @@ def summarize(path: str | Path, with_tensors: bool = False) -> dict:
         },
         "chat_template": isinstance(h.metadata.get("tokenizer.chat_template"), str),
     }
+    use = usage(h)
+    out.update({"active_parameters": use["active_parameters"], "active_bytes": use["active_bytes"],
+                "experts": use["moe"], "per_layer_embeddings": use["ple"]})
     if with_tensors:
         out["tensors"] = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes}
                           for t in h.tensors]
@@ -94,11 +153,20 @@ def render_text(s: dict) -> str:
         f"architecture:  {s['architecture']}",
         f"parameters:    {_fmt_params(s['parameters'])} ({s['parameters']:,})",
         f"tensors:       {s['tensor_count']}, {s['tensor_bytes']:,} bytes, {s['bits_per_weight']:.2f} bits/weight",
+        f"per token:     {_fmt_params(s['active_parameters'])} active parameters of {_fmt_params(s['parameters'])}, "
+        f"{fmt_bytes(s['active_bytes'], unit='MiB')} of weights read",
         f"tokenizer:     {s['tokenizer']['model']} (pre: {s['tokenizer']['pre']}), "
         f"{s['tokenizer']['vocab_size']} tokens, bos={s['tokenizer']['bos_token_id']} eos={s['tokenizer']['eos_token_id']}",
         f"chat template: {'yes' if s['chat_template'] else 'no'}",
         "hyperparameters:",
     ]
+    if (e := s.get("experts")) is not None:
+        lines.insert(5, f"experts:       {e['experts']} per MoE layer ({e['layers']} layers), {e['active']} active per token, "
+                        f"{e['shared']} shared; {_fmt_params(e['expert_parameters'])} expert parameters")
+    if (p := s.get("per_layer_embeddings")) is not None:
+        lines.insert(5, f"per-layer embeddings: {_fmt_params(p['parameters'])} parameters, {p['type']}, "
+                        f"{fmt_bytes(p['bytes'], unit='MiB')} = {100 * p['file_share']:.1f}% of the file "
+                        f"(one {fmt_bytes(p['row_bytes'])} row read per token)")
     lines += [f"  {k:<36} {v}" for k, v in s["hyperparameters"].items()]
     lines.append("types:")
     lines.append(f"  {'TYPE':<8} {'TENSORS':>7} {'BYTES':>14} {'PARAMS':>12} {'BPW':>7}")

@@ -129,6 +129,15 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, dim], idx / w [T, k] -> sum_j w[t, j] * expert_{idx[t, j]}(x[t]): [T, dim] float32."""
         t, k = idx.shape
+        if t == 1:  # decode: k experts of one row; same sum in the same (expert id) order, no gather/scatter
+            pairs = sorted(zip(idx[0].tolist(), w[0].float().tolist()))
+            for proj in self.projections():
+                proj.will_use([e for e, _ in pairs])
+            out = None
+            for e, we in pairs:
+                y = self.one(e, x) * we
+                out = y if out is None else out + y
+            return out
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert
         sorted_e = flat[order]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgeinfer.errors import InvalidModelError
-from edgeinfer.models import deepseek2, gemma3, gemma3n, llama
+from edgeinfer.models import deepseek2, gemma3, gemma3n, gemma4, llama
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma3": gemma3,
     "gemma3n": gemma3n,
     "deepseek2": deepseek2,
+    "gemma4": gemma4,
 }
 
 

@@ -34,7 +34,7 @@ from edgeinfer.quant.quantizers import REGISTRY, encode_row_chunks, uses_imatrix
 from edgeinfer.quant.rows import RowSource, Rows
 from edgeinfer.quant.source import ST_DTYPES, Checkpoint, TensorRef, open_checkpoint
 from edgeinfer.quant.spec import ArchContext, ArchSpec, Out, kind_of
-from edgeinfer.quant.vocab import Vocab, load_vocab
+from edgeinfer.quant.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _first_ref(src: RowSource) -> TensorRef | None:
 
 
 def _check_shape(spec: ArchSpec, ctx: ArchContext, out: Out, kind, bid, shape: tuple[int, ...]) -> None:
-    part = "bias" if out.name.endswith(".bias") else "weight"
+    part = out.name.rsplit(".", 1)[-1]  # weight, bias, scale
     want = spec.shapes(ctx, bid).get((kind, part))
     if want is not None and tuple(shape) != tuple(want):
         ref = _first_ref(out.source)
@@ -176,8 +176,11 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
         per_layer = key == "intermediate_size" and isinstance(v, list) and v and all(isinstance(x, int) for x in v)
         if not isinstance(v, int) and not per_layer:  # Gemma 3n lists one FFN width per layer
             raise ConversionError(f"{ck.path / 'config.json'}: missing or invalid {key!r}")
-    # with an imatrix the legacy types follow the recipe engine too (its imatrix-only ffn_down rule)
-    by_recipe = qtype in mixes or (im is not None and base_type not in (T.F32, T.F16, T.BF16))
+    # The 4/5-bit legacy types follow llama-quantize, so the recipe engine, which has all its rules
+    # (tensors never quantized, the tied token_embd category incl. per_layer_token_embd, the 8-expert
+    # attn_k/attn_v bumps; with an imatrix the imatrix-only ffn_down rule, also for Q8_0).
+    by_recipe = qtype in mixes or base_type not in (T.F32, T.F16, T.BF16, T.Q8_0) or (
+        im is not None and base_type not in (T.F32, T.F16, T.BF16))
     if by_recipe and policy is default_policy:
         policy = RecipePolicy(qtype, int(cfg.get("num_hidden_layers") or 0), spec.gguf_arch_name,
                               int(cfg.get("num_attention_heads") or 1),
@@ -185,7 +188,7 @@ def plan_conversion(src: str | os.PathLike, qtype: str = "Q8_0", policy: Policy 
                               ArchContext(cfg, 0).n_experts,
                               has_imatrix=im is not None)
     n_layers = int(cfg["num_hidden_layers"])
-    vocab = load_vocab(ck.path, int(cfg.get("vocab_size") or 0), spm_add_space_prefix=spec.spm_add_space_prefix)
+    vocab = spec.vocab(ck.path, int(cfg.get("vocab_size") or 0))
     ctx = ArchContext(cfg, len(vocab))
     spec.check(ctx)
     limits = spec.llama_cpp_limits(ctx)

@@ -11,7 +11,9 @@ for F32/F16/BF16/Q8_0, ``llama-quantize``'s rules for Q4_0/Q4_1/Q5_0/Q5_1):
 * a row length not divisible by the block size falls back (F16 for the 32-blocks, as llama.cpp),
   with the reason logged and shown in the plan.
 
-A recipe (``recipes.py``, K-quant issue) replaces this function wholesale or wraps it. A policy
+The planner decides the 4/5-bit types with the recipe engine instead (:class:`RecipePolicy`), which
+also has llama-quantize's model-dependent rules (MoE, per-layer embeddings); this function is their
+single-tensor approximation. A recipe (``recipes.py``, K-quant issue) replaces this function wholesale or wraps it. A policy
 whose rules need the whole model (llama.cpp numbers ``attn_v`` tensors in visiting order) can be
 an object with ``decide_all(inputs: list[TensorPlanInput]) -> list[TypeDecision]``; the planner
 then passes every tensor at once, embeddings first, layers in order, output last.

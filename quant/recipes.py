@@ -9,7 +9,8 @@ Reference: src/llama-quant.cpp (``tensor_allows_quantization``, ``tensor_get_cat
   chain rule, then the "post" rules in order), e.g. ``attn_v`` and ``ffn_down`` get Q6_K
   on llama.cpp's ``use_more_bits`` layers in Q4_K_M/Q5_K_M, 8-expert MoE models get
   Q8_0 ``attn_v``/``attn_k`` and Q5_K ``attn_output``;
-* the output projection (and the token embedding when it is tied to it) -> Q6_K, or
+* the output projection (and the token embedding when it is tied to it -- llama.cpp's
+  token_embd category, which includes Gemma's ``per_layer_token_embd``) -> Q6_K, or
   Q8_0 when its row is not a multiple of the recipe's block;
 * rows whose length is not a multiple of the block fall back (Q4_K -> Q5_0, Q5_K ->
   Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0; F16 when even that does not fit).
@@ -317,10 +318,11 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], recipe: str, ctx: RecipeCon
         cat = category(name)
         if not pure:
             if cat == "output" or (tied and cat == "token_embd"):
+                what = "output projection" if cat == "output" else "tied embedding (token_embd category)"
                 if ctx.arch == "falcon" or shape[0] % block_size(default) != 0:
-                    cur, why = QT.Q8_0, "output projection (row not a block multiple) -> Q8_0"
+                    cur, why = QT.Q8_0, f"{what} (row not a block multiple) -> Q8_0"
                 elif default != QT.Q8_0:
-                    cur, why = QT.Q6_K, "output projection -> Q6_K"
+                    cur, why = QT.Q6_K, f"{what} -> Q6_K"
             elif cat == "attn_v":
                 cur, why = _apply_rules(cat, recipe, _State(ctx, i_wv, n_wv, cur))
                 i_wv += 1

@@ -4,6 +4,7 @@ A spec is a subclass of :class:`ArchSpec` in its own file under ``quant/archs/``
 ``quant/archs/__init__.py``. The pipeline (``convert.py``) asks it, at plan time, before any tensor
 data is read:
 
+* :meth:`ArchSpec.vocab` -- the tokenizer's GGUF metadata (default: :mod:`~edgeinfer.quant.vocab`);
 * :meth:`ArchSpec.check` -- config combinations it refuses;
 * :meth:`ArchSpec.hparams` -- the metadata keys (written to a recording ``GGUFWriter`` during
   planning, so ``--dry-run`` refuses exactly what the real run would);
@@ -23,12 +24,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gguf
 
 from edgeinfer.errors import ConversionError
 from edgeinfer.quant.rows import RowSource, Rows, Stack, Tensor
+from edgeinfer.quant.vocab import Vocab, load_vocab
 
 if TYPE_CHECKING:
     from edgeinfer.quant.source import Checkpoint
@@ -268,6 +271,11 @@ class ArchSpec:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
     # -- plan-time checks and metadata ---------------------------------------------------------
+    def vocab(self, folder: Path, n_vocab: int) -> Vocab:
+        """The tokenizer as GGUF metadata (default: BPE ``tokenizer.json`` or SentencePiece
+        ``tokenizer.model``, :func:`~edgeinfer.quant.vocab.load_vocab`). Raises ConversionError."""
+        return load_vocab(folder, n_vocab, spm_add_space_prefix=self.spm_add_space_prefix)
+
     def check(self, c: ArchContext) -> None:
         """Refuse config combinations this architecture (or llama.cpp) cannot express. Raises ConversionError."""
 
@@ -341,8 +349,8 @@ class ArchSpec:
 
     # -- shapes and completeness ------------------------------------------------------------------
     def shapes(self, c: ArchContext, bid: int | None) -> dict[tuple[gguf.MODEL_TENSOR, str], tuple[int, ...]]:
-        """Expected shape (numpy order) of each ``(kind, "weight" | "bias")`` in layer ``bid``
-        (``None``: the tensors outside the layers). Kinds not listed are not checked."""
+        """Expected shape (numpy order) of each ``(kind, suffix)`` in layer ``bid`` (suffix: ``"weight"``,
+        ``"bias"``, ``"scale"``; ``bid=None``: the tensors outside the layers). Kinds not listed are not checked."""
         h, hd, ff = c.hidden, c.head_dim, int(c.cfg["intermediate_size"])
         q, kv = c.n_head * hd, c.n_head_kv * hd
         w = {M.OUTPUT_NORM: (h,), M.ATTN_NORM: (h,), M.FFN_NORM: (h,), M.ATTN_POST_NORM: (h,),

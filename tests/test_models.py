@@ -26,7 +26,8 @@ import torch
 
 import _tiny_models
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3",
+         "gemma4_e2b", "gemma4_dense"]  # Gemma 4's MoE variant: tests/test_gemma4_engine.py
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 TOKENS = [int(t) for t in np.random.default_rng(11).integers(3, 300, size=24)]
 
@@ -118,7 +119,7 @@ def _cache_check(model, chunks: list[int]) -> float:
     return float((torch.cat(outs) - full).abs().max() / full.abs().max())
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3", "gemma4_e2b", "gemma4_dense"])
 def test_kv_cache_past_sliding_window(tiny, tmp_path, arch):
     from edgeinfer.quant.convert import convert
 

@@ -11,6 +11,7 @@ from edgeinfer.errors import ConversionError
 from edgeinfer.quant.archs.deepseek import DeepseekV3Spec
 from edgeinfer.quant.archs.gemma3 import Gemma3Spec
 from edgeinfer.quant.archs.gemma3n import Gemma3nSpec
+from edgeinfer.quant.archs.gemma4 import Gemma4Spec
 from edgeinfer.quant.archs.llama import LlamaSpec, MistralSpec, MixtralSpec
 from edgeinfer.quant.archs.qwen import Qwen2MoeSpec, Qwen2Spec, Qwen3MoeSpec, Qwen3Spec
 from edgeinfer.quant.spec import ArchContext, ArchSpec
@@ -26,6 +27,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     Gemma3Spec(),
     Gemma3nSpec(),
     DeepseekV3Spec(),
+    Gemma4Spec(),
 )
 
 __all__ = ["ARCHS", "ArchContext", "ArchSpec", "find_arch", "text_config"]
