@@ -120,7 +120,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                              id="think", compact=True)
                 yield Label("MoE experts on CPU", classes="field-label")
                 yield Input(offload_text(int(c.params.get("n_cpu_moe") or 0)), id="n-cpu-moe", compact=True,
-                            placeholder="none | all | N")
+                            placeholder="none | all | first N")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", id="save", variant="primary", compact=True)
                 yield Button("Pick model (ctrl+o)", id="pick", compact=True)
