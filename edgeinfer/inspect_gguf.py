@@ -81,6 +81,58 @@ def usage(h: GGUFFile) -> dict:
     return out
 
 
+def kv_cache(h: GGUFFile, element_bytes: int = 2) -> dict | None:
+    """KV-cache bytes one token costs over all layers (llama.cpp's default F16 cache), from the keys:
+
+    * per layer ``head_count_kv x (key_length + value_length)`` (per-layer head counts, and the
+      ``*_swa`` head sizes on sliding-window layers, where the file has them);
+    * multi-head latent attention (``attention.kv_lora_rank``): the compressed latent plus the
+      shared RoPE key, ``kv_lora_rank + rope_dimension_count`` per layer, whatever the head count;
+    * the last ``attention.shared_kv_layers`` layers read an earlier layer's cache: not counted.
+
+    Sliding-window layers hold at most ``sliding_window`` positions; they are counted in
+    ``bytes_per_token`` (a short context) and listed apart so a long context's cost can be read off.
+    None for files without attention hyperparameters.
+    """
+    a = h.architecture
+    meta = h.metadata
+
+    def key(name, default=None):
+        return meta.get(f"{a}.{name}", default)
+
+    n_layer, n_head, n_embd = key("block_count"), key("attention.head_count"), key("embedding_length")
+    if not n_layer or not n_head or not n_embd:
+        return None
+    n_layer = int(n_layer)
+
+    def per_layer(v, i):
+        return v[i] if isinstance(v, (list, tuple)) else v
+
+    n_kv = key("attention.head_count_kv", n_head)
+    head = n_embd // per_layer(n_head, 0) if per_layer(n_head, 0) else 0
+    k_len, v_len = key("attention.key_length", head), key("attention.value_length", head)
+    swa = key("attention.sliding_window_pattern")
+    window = key("attention.sliding_window")
+    lora = key("attention.kv_lora_rank")
+    own = n_layer - int(key("attention.shared_kv_layers", 0) or 0)
+    total = sliding = sliding_layers = 0
+    for i in range(own):
+        is_swa = bool(per_layer(swa, i)) if isinstance(swa, (list, tuple)) else False
+        if lora:
+            per = int(lora) + int(key("rope.dimension_count", 0) or 0)
+        else:
+            kl = key("attention.key_length_swa", k_len) if is_swa else k_len
+            vl = key("attention.value_length_swa", v_len) if is_swa else v_len
+            per = int(per_layer(n_kv, i)) * (int(kl) + int(vl))
+        total += per * element_bytes
+        if is_swa and window:
+            sliding += per * element_bytes
+            sliding_layers += 1
+    return {"bytes_per_token": total, "layers_with_cache": own, "shared_layers": n_layer - own,
+            "latent": bool(lora), "element_bytes": element_bytes, "sliding_layers": sliding_layers,
+            "sliding_bytes_per_token": sliding, "sliding_window": int(window) if window else None}
+
+
 def summarize(path: str | Path, with_tensors: bool = False) -> dict:
     """Return a JSON-ready summary of the GGUF at ``path`` (validated first)."""
     h: GGUFFile = validate_gguf(path)
@@ -125,7 +177,7 @@ def summarize(path: str | Path, with_tensors: bool = False) -> dict:
     }
     use = usage(h)
     out.update({"active_parameters": use["active_parameters"], "active_bytes": use["active_bytes"],
-                "experts": use["moe"], "per_layer_embeddings": use["ple"]})
+                "experts": use["moe"], "per_layer_embeddings": use["ple"], "kv_cache": kv_cache(h)})
     if with_tensors:
         out["tensors"] = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes}
                           for t in h.tensors]
@@ -167,6 +219,14 @@ def render_text(s: dict) -> str:
         lines.insert(5, f"per-layer embeddings: {_fmt_params(p['parameters'])} parameters, {p['type']}, "
                         f"{fmt_bytes(p['bytes'], unit='MiB')} = {100 * p['file_share']:.1f}% of the file "
                         f"(one {fmt_bytes(p['row_bytes'])} row read per token)")
+    if (kv := s.get("kv_cache")) is not None:
+        what = "latent (MLA) " if kv["latent"] else ""
+        line = (f"KV cache:      {fmt_bytes(kv['bytes_per_token'])} per token at F16, {what}in {kv['layers_with_cache']} "
+                f"layers" + (f" ({kv['shared_layers']} more reuse earlier layers')" if kv["shared_layers"] else ""))
+        if kv["sliding_layers"]:
+            line += (f"; {kv['sliding_layers']} sliding-window layers ({fmt_bytes(kv['sliding_bytes_per_token'])} of it) "
+                     f"keep at most {kv['sliding_window']} tokens")
+        lines.insert(5, line)
     lines += [f"  {k:<36} {v}" for k, v in s["hyperparameters"].items()]
     lines.append("types:")
     lines.append(f"  {'TYPE':<8} {'TENSORS':>7} {'BYTES':>14} {'PARAMS':>12} {'BPW':>7}")

@@ -323,6 +323,8 @@ def test_inspect_shows_experts_active_parameters_and_ple(ckpt, tmp_path, capsys)
     print(text)
     assert "6 per MoE layer (6 layers), 2 active per token, 1 shared" in text
     assert "per-layer embeddings:" in text and "% of the file" in text and "active parameters of" in text
+    assert "KV cache:      896 B per token at F16, in 5 layers (3 more reuse earlier layers')" in text
+    assert "3 sliding-window layers (384 B of it) keep at most 4 tokens" in text
 
 
 def test_hub_config_form_gives_the_same_file(ckpt, tmp_path):

@@ -219,6 +219,15 @@ def test_kv_sharing_and_windows_in_the_cache(f32_file):
     assert sizes == {0: 4, 1: 4, 2: 32, 3: 4, 4: 32}
     # 1 KV head: K+V per token, float32: sliding layers 32-dim, full 64-dim
     assert model.cache_bytes_per_token() == 4 * 2 * (3 * 32 + 2 * 64)
+    # inspect reads the same figure off the GGUF keys alone (at F16, llama.cpp's cache type)
+    from edgeinfer.gguf_check import validate_gguf
+    from edgeinfer.inspect_gguf import kv_cache
+
+    kv = kv_cache(validate_gguf(f32_file("gemma4_e2b")), element_bytes=4)
+    print(f"inspect: {kv}")
+    assert kv["bytes_per_token"] == model.cache_bytes_per_token()
+    assert (kv["layers_with_cache"], kv["shared_layers"], kv["sliding_layers"]) == (5, 3, 3)
+    assert kv["sliding_bytes_per_token"] == 4 * 2 * 3 * 32 and kv["sliding_window"] == 4
 
 
 def test_kv_reuse_llama_cpp_gets_wrong_runs_with_torch_only(tmp_path, capsys):

@@ -152,6 +152,12 @@ def test_mla_caches_the_latent_only(ckpts, tmp_path):
     print(f"MLA cache: {per_token} bytes/token (latent {latent}; full K/V would be {plain}); "
           f"step decode vs full pass {err:.1e}")
     assert per_token == latent and err < 1e-5
+    # inspect reads the latent size off the GGUF keys (llama.cpp's F16 cache: 2 bytes a value)
+    from edgeinfer.gguf_check import validate_gguf
+    from edgeinfer.inspect_gguf import kv_cache
+
+    kv = kv_cache(validate_gguf(path))
+    assert kv["latent"] and kv["bytes_per_token"] == latent // 2
 
 
 def test_deepseek_rotate_half_layout_is_permuted(tmp_path):
