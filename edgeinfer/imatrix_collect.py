@@ -16,7 +16,7 @@ import torch
 
 from edgeinfer.evaluate import chunks
 from edgeinfer.errors import EdgeinferError
-from edgeinfer.kernels.qlinear import FusedLinear, QuantLinear
+from edgeinfer.kernels.qlinear import FusedLinear, QuantExpertLinear, QuantLinear
 from edgeinfer.quant.imatrix import Imatrix
 
 
@@ -24,22 +24,31 @@ def _wanted(name: str, process_output: bool) -> bool:
     return name.startswith("blk.") or (process_output and name == "output.weight")
 
 
-def _targets(model: torch.nn.Module, process_output: bool) -> list[tuple[torch.nn.Module, list[str]]]:
-    """(module whose input to record, GGUF weight names that read that input).
+Target = tuple[torch.nn.Module, list[str], int, int]  # module, weight names, expert, experts
+
+
+def _targets(model: torch.nn.Module, process_output: bool) -> list[Target]:
+    """(module whose input to record, GGUF weight names that read that input, expert, n_expert).
 
     A fused projection (:class:`FusedLinear`, e.g. q/k/v) records one input for all its parts.
-    Expert projections (``ffn_*_exps``, one :class:`QuantLinear` per expert) are not collected.
+    Expert projections (``ffn_*_exps``: :class:`QuantExpertLinear`, one :class:`QuantLinear` per
+    expert) record each expert's input rows -- the tokens routed to it -- into its slice of the
+    stacked entry, with one count per expert, as llama-imatrix does for ``MUL_MAT_ID``.
     """
-    out: list[tuple[torch.nn.Module, list[str]]] = []
+    out: list[Target] = []
     for m in model.modules():
         if isinstance(m, FusedLinear):
             names = [n for n in m.names if _wanted(n, process_output)]
+        elif isinstance(m, QuantExpertLinear):
+            if _wanted(m.name, process_output):
+                out += [(m.expert(e), [m.name], e, m.n_expert) for e in range(m.n_expert)]
+            continue
         elif isinstance(m, QuantLinear) and m.path != "fused" and "[" not in m.name:
             names = [m.name] if _wanted(m.name, process_output) else []
         else:
             continue
         if names:
-            out.append((m, names))
+            out.append((m, names, 0, 1))
     return out
 
 
@@ -71,19 +80,18 @@ def collect_imatrix(backend, text: str, n_ctx: int = 512, max_chunks: int | None
     im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=n_ctx)
     hooks = []
 
-    def make_hook(names: list[str]):
+    def make_hook(names: list[str], mat: int, n_mat: int):
         def hook(_module, args):
             x = args[0]
             x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [rows, K]
             sq = (x2 * x2).sum(dim=0).cpu().numpy()
             for n in names:
-                im.add(n, sq, x2.shape[0])
+                im.add(n, sq, x2.shape[0], mat, n_mat)
 
         return hook
 
-    for module, names in _targets(backend.model, process_output):
-        if names:
-            hooks.append(module.register_forward_pre_hook(make_hook(names)))
+    for module, names, mat, n_mat in _targets(backend.model, process_output):
+        hooks.append(module.register_forward_pre_hook(make_hook(names, mat, n_mat)))
     if not hooks:
         raise EdgeinferError(f"{backend.path}: found no weight matrices to collect statistics for")
     try:
