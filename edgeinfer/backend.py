@@ -22,7 +22,8 @@ class SpeculativeOptions:
         n_draft: tokens proposed per step (the model verifies them all in one forward pass).
         prompt_lookup: draft by n-gram lookup in the prompt and the text generated so far (no
             draft model; both backends). With ``draft`` set too, the draft model is used.
-        ngram_max / ngram_min: longest / shortest suffix looked up (prompt lookup).
+        ngram_max / ngram_min: longest / shortest suffix looked up (prompt lookup; shorter matches
+            guess wrong too often to pay for the wider verification pass).
         p_min: the draft model stops proposing once its own top probability falls below this
             (llama.cpp's ``--draft-p-min``; 0 = always propose ``n_draft``).
     """
@@ -30,8 +31,8 @@ class SpeculativeOptions:
     draft: str | None = None
     n_draft: int = 8
     prompt_lookup: bool = False
-    ngram_max: int = 3
-    ngram_min: int = 1
+    ngram_max: int = 5
+    ngram_min: int = 3
     p_min: float = 0.5
 
     @property

@@ -27,7 +27,7 @@ class PromptLookup:
     the tokens it proposes itself, so a periodic text ("a b a b a b") drafts its whole period.
     """
 
-    def __init__(self, n_draft: int, ngram_max: int = 3, ngram_min: int = 1):
+    def __init__(self, n_draft: int, ngram_max: int = 5, ngram_min: int = 3):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"prompt lookup needs 1 <= ngram_min <= ngram_max, got {ngram_min}, {ngram_max}")
         self.n_draft, self.ngram_max, self.ngram_min = n_draft, ngram_max, ngram_min
