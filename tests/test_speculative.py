@@ -54,7 +54,11 @@ def test_prompt_lookup_drafts_the_continuation_of_the_longest_match():
     assert pl.draft() == [5, 2, 3, 7]  # "2 3 7": the 3-gram match wins
     per = PromptLookup(6, 2, 2)
     per.extend([4, 5, 4, 5])
-    assert per.draft() == [4, 5, 4, 5, 4, 5]  # a periodic text drafts its period past the end
+    assert per.draft() == [4, 5, 4, 5, 4, 5]
+    per.feedback(6, 2)
+    assert per.draft() == [4, 5, 4]  # after 2 of 6 accepted: 3 tokens, then doubling
+    per.feedback(3, 3)
+    assert len(per.draft()) == 6  # a periodic text drafts its period past the end
     none = PromptLookup(4, 3, 3)
     none.extend([1, 2, 3, 4, 5])
     assert none.draft() == [] and none.draft(0) == []

@@ -236,6 +236,7 @@ class SlotEngine:
         if s.n_gen == len(out):
             s.t_first = s.t_last
         if s.lookup is not None:
+            s.lookup.feedback(len(drafts), len(out) - 1)
             s.spec[0] += len(drafts)
             s.spec[1] += len(out) - 1 if reason is None else sum(1 for a, b in zip(out, drafts) if a == b)
             s.spec[2] += 1

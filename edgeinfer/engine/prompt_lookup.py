@@ -33,6 +33,13 @@ class PromptLookup:
         self.n_draft, self.ngram_max, self.ngram_min = n_draft, ngram_max, ngram_min
         self.tokens: list[int] = []
         self._next: dict[tuple[int, ...], int] = {}
+        self.k = n_draft  # current draft length (:meth:`feedback`)
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """Adapt the draft length: double it after a fully accepted draft, else one past what was
+        accepted (a wrong guess costs a wider verification pass; long runs of right ones pay)."""
+        if drafted:
+            self.k = min(self.n_draft, 2 * self.k) if accepted == drafted else max(1, accepted + 1)
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append tokens (the prompt, then every accepted or sampled token)."""
@@ -47,14 +54,15 @@ class PromptLookup:
         """Make the indexed sequence equal ``tokens``, which must extend it (else it is re-indexed)."""
         n = len(self.tokens)
         if tokens[:n] != self.tokens:
-            self.tokens, self._next = [], {}
+            self.tokens, self._next, self.k = [], {}, self.n_draft
             n = 0
         self.extend(tokens[n:])
 
     def draft(self, limit: int | None = None) -> list[int]:
-        """Up to ``min(limit, n_draft)`` tokens that followed the longest suffix found earlier ([] if none)."""
+        """Up to ``min(limit, current draft length)`` tokens that followed the longest suffix found
+        earlier ([] if none)."""
         t = self.tokens
-        k = self.n_draft if limit is None else min(limit, self.n_draft)
+        k = self.k if limit is None else min(limit, self.k)
         if k <= 0:
             return []
         for n in range(min(self.ngram_max, len(t)), self.ngram_min - 1, -1):

@@ -114,6 +114,9 @@ class LookupDrafter:
         self.index.sync(context)
         return self.index.draft(k), None
 
+    def feedback(self, drafted: int, accepted: int) -> None:
+        self.index.feedback(drafted, accepted)
+
 
 class ModelDrafter:
     """Drafts with a small model of the same vocabulary, one token at a time over its own KV cache.
@@ -128,6 +131,9 @@ class ModelDrafter:
         self.rings = ring_caches(model)
         self.cached: list[int] = []  # tokens whose K/V the draft's cache holds (certain ones first)
         self.mark = 0  # positions >= this in the draft's cache are its own guesses
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """Nothing: the draft model's own confidence (``p_min``) sets its draft length."""
 
     def _forward(self, ids: list[int], pos: int) -> torch.Tensor:
         return self.model(torch.tensor([ids], device=self.device), pos, last_only=True)[0, -1]
@@ -262,6 +268,7 @@ class Speculator:
             logits = model(torch.tensor([todo + list(drafts)], device=dev), n, keep_last=len(drafts) + 1)[0]
             out = verify(logits, drafts, qs, sampler, history)
             n_acc = len(out) - 1
+            self.drafter.feedback(len(drafts), n_acc)
             for r in self.rings:
                 r.rollback(len(context) + n_acc)
             cached.extend(todo)
