@@ -311,3 +311,64 @@ def test_cli_speculative_flags(cli_env, tiny_pair, default_gguf):
     r = run("-m", str(tiny_pair[0]), "--backend", "torch", "--draft", str(tiny_pair[1]), "--temp", "0", "--stats")
     print(r.stderr[-600:])
     assert r.returncode == 0 and "speculative (draft model, 8 drafts):" in r.stderr
+
+
+# -- sliding-window (ring-buffer) caches: rejected drafts are rolled back --------------------------
+def test_ring_cache_rollback_restores_the_window():
+    from edgeinfer.models.cache import KVCache
+
+    c = KVCache(1, 2, n_ctx=16, window=4, device="cpu", dtype=torch.float32)
+    kv = lambda p0, s: torch.arange(p0, p0 + s, dtype=torch.float32).view(1, 1, s, 1).expand(1, 1, s, 2)  # noqa: E731
+    c.update(kv(0, 6), kv(0, 6), 0)  # positions 2..5 in the ring
+    before = c.k.clone()
+    c.mark(6)
+    c.update(kv(6, 3), kv(6, 3), 6)  # three guesses overwrite positions 2, 3, 4
+    c.rollback(7)  # keep position 6, drop 7 and 8
+    assert sorted(c.k[0, 0, :, 0].tolist()) == [3.0, 4.0, 5.0, 6.0]
+    c.rollback(6)
+    assert torch.equal(c.k, before)
+    c.mark(6)
+    for p in (6, 7):
+        c.update(kv(p, 1), kv(p, 1), p)  # one token at a time (a draft model)
+    c.rollback(6)
+    assert torch.equal(c.k, before)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    import _tiny_models
+    from edgeinfer.quant.convert import convert
+
+    d = tmp_path_factory.mktemp("tiny_gemma3")
+    target = convert(_tiny_models.make_tiny_checkpoint("gemma3", d / "g"), d / "g-f32.gguf", "F32")
+    # a different random gemma3 (same tokenizer) as the draft: it is often wrong, so its ring rolls back too
+    draft = convert(_tiny_models.make_tiny_checkpoint("gemma3", d / "h", seed=1), d / "h-q8.gguf", "Q8_0")
+    return target, draft
+
+
+def test_sliding_window_model_speculative_greedy_identical(tiny_gemma3):
+    from edgeinfer.backends.torch_engine import TorchBackend
+
+    f32, q8 = tiny_gemma3
+    opts = dict(n_ctx=96, n_threads=THREADS, device="cpu")
+    plain = TorchBackend(f32, LoadOptions(**opts))
+    assert any(layer.attn.cache.ring for layer in plain.model.layers)  # window 4 < context: ring buffers
+    specs = {"draft": TorchBackend(f32, LoadOptions(**opts, speculative=SpeculativeOptions(draft=str(q8), n_draft=6,
+                                                                                           p_min=0.0))),
+             "lookup": TorchBackend(f32, LoadOptions(**opts, speculative=SpeculativeOptions(
+                 prompt_lookup=True, ngram_min=1, ngram_max=2)))}
+    try:
+        params = SamplingParams(temperature=0, max_tokens=48)
+        for prompt in ("the cat sat on the mat and the cat", "def add(a, b): return a + b"):
+            ref, _ = _greedy(plain, prompt, params)
+            for name, b in specs.items():
+                got, done = _greedy(b, prompt, params)
+                t = done.timings
+                print(f"gemma3 (window 4) {name} {prompt[:12]!r}: {len(got)} tok, accepted {t.draft_accepted}/"
+                      f"{t.draft_tokens}, identical={got == ref}")
+                assert got == ref
+                assert b.speculator.n_draft <= 3  # clamped below the window
+                assert 0 < t.draft_accepted < t.draft_tokens or name == "draft"
+    finally:
+        for b in (plain, *specs.values()):
+            b.close()
