@@ -6,7 +6,8 @@
 
 Part 1, draft model (torch engine): the default model converted by llama.cpp's quantizer
 (``llama_model_quantize``, requantized from the embedded Q4_1) to F16 as the target and to Q4_0 as
-the draft -- the offline pair of issue 15. Greedy, a few chat prompts; every speculative text must
+the draft -- the offline pair of issue 15 -- both llama.cpp's Q4_0 mix (the tied embedding/head
+stays Q8_0) and ``--pure`` Q4_0 (the head Q4_0 too: a cheaper draft step). Greedy, a few chat prompts; every speculative text must
 equal the plain one (printed), each ``--draft-n`` value is a row.
 
 Part 2, prompt lookup (both backends, the default model Q4_1): a code-editing request whose answer
@@ -52,19 +53,20 @@ def save_config(config, path):
 EDIT = f"Here is some code:\n```python\n{CODE}```\nRewrite it with type hints. Output only the code."
 
 
-def build_pair(workdir: Path) -> tuple[Path, Path]:
-    """The default model requantized to F16 (target) and Q4_0 (draft), cached in ``workdir``."""
+def build_pair(workdir: Path) -> tuple[Path, Path, Path]:
+    """The default model requantized to F16 (target), Q4_0 (draft: llama.cpp's Q4_0 mix, a Q8_0
+    embedding/head) and pure Q4_0 (every matrix Q4_0, ``--pure``), cached in ``workdir``."""
     import _llama_quant as lq
     from edgeinfer.resolve import default_model_path
 
     src = default_model_path()
     out = []
-    for recipe in ("F16", "Q4_0"):
-        dst = workdir / f"smollm2-135m-{recipe.lower()}.gguf"
+    for recipe, pure in (("F16", False), ("Q4_0", False), ("Q4_0", True)):
+        dst = workdir / f"smollm2-135m-{recipe.lower()}{'-pure' if pure else ''}.gguf"
         if not dst.exists():
-            lq.llama_quantize(src, dst, recipe, allow_requantize=True)
+            lq.llama_quantize(src, dst, recipe, allow_requantize=True, pure=pure)
         out.append(dst)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def one(backend, prompt, max_tokens: int):
@@ -125,6 +127,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--draft-n", default="3,5", help="comma-separated draft lengths for the draft model")
     ap.add_argument("--lookup-n", default="8", help="comma-separated draft lengths for prompt lookup")
+    ap.add_argument("--drafts", default="Q4_0,pure Q4_0",
+                    help="draft files: 'Q4_0' (llama.cpp's mix, Q8_0 head) and/or 'pure Q4_0' (comma-separated)")
     ap.add_argument("--p-min", type=float, default=None, help="draft model: stop drafting below this probability")
     ap.add_argument("--part", choices=["all", "draft", "lookup"], default="all")
     ap.add_argument("--workdir", default=None, help="where the F16/Q4_0 pair is written (default: a temp dir)")
@@ -144,13 +148,14 @@ def main() -> int:
         work = Path(tmp.name)
     try:
         if a.part in ("all", "draft"):
-            target, draft = build_pair(work)
+            target, mix, pure = build_pair(work)
             plain = load_backend("torch", target, LoadOptions(**opts))
             extra = {} if a.p_min is None else {"p_min": a.p_min}
-            specs = {f"draft Q4_0, K={k}": load_backend("torch", target, LoadOptions(
-                **opts, speculative=SpeculativeOptions(draft=str(draft), n_draft=int(k), **extra)))
-                for k in a.draft_n.split(",")}
-            compare(f"torch engine, target {target.name}, draft {draft.name}, {a.threads} thread(s)", plain, specs,
+            drafts = {"Q4_0": mix, "pure Q4_0": pure}
+            specs = {f"draft {name}, K={k}": load_backend("torch", target, LoadOptions(
+                **opts, speculative=SpeculativeOptions(draft=str(path), n_draft=int(k), **extra)))
+                for name, path in drafts.items() if name in a.drafts.split(",") for k in a.draft_n.split(",")}
+            compare(f"torch engine, target {target.name}, {a.threads} thread(s)", plain, specs,
                     PROMPTS, a.runs, a.max_tokens)
             for b in (plain, *specs.values()):
                 b.close()
