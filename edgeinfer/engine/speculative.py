@@ -203,8 +203,8 @@ class Speculator:
         target: the target :class:`~edgeinfer.models.base.Transformer`.
         opts: the speculative options (a draft model, or prompt lookup).
         device: where the target runs (the draft model is loaded there too).
-        draft_model / draft_vocab: a loaded draft model and its llama.cpp vocabulary (``draft``
-            set); the caller loads it (:meth:`load_draft`).
+        draft_model: the loaded draft model when ``opts.draft`` is set (:meth:`load_draft`), else None
+            (prompt lookup).
     """
 
     def __init__(self, target, opts: SpeculativeOptions, device: torch.device, draft_model=None):
