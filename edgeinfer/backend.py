@@ -14,6 +14,33 @@ Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 
 @dataclass
+class SpeculativeOptions:
+    """Speculative decoding: cheap guesses of the next tokens, verified by the model in one batch.
+
+    Attributes:
+        draft: path of a draft GGUF (torch engine; same vocabulary as the model), or None.
+        n_draft: tokens proposed per step (the model verifies them all in one forward pass).
+        prompt_lookup: draft by n-gram lookup in the prompt and the text generated so far (no
+            draft model; both backends). With ``draft`` set too, the draft model is used.
+        ngram_max / ngram_min: longest / shortest suffix looked up (prompt lookup; shorter matches
+            guess wrong too often to pay for the wider verification pass).
+        p_min: the draft model stops proposing once its own top probability falls below this
+            (llama.cpp's ``--draft-p-min``; 0 = always propose ``n_draft``).
+    """
+
+    draft: str | None = None
+    n_draft: int = 8
+    prompt_lookup: bool = False
+    ngram_max: int = 5
+    ngram_min: int = 3
+    p_min: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.draft) or self.prompt_lookup
+
+
+@dataclass
 class LoadOptions:
     """How to load a model.
 
@@ -26,6 +53,7 @@ class LoadOptions:
         n_cpu_moe: keep the MoE expert weights of the first ``n_cpu_moe`` layers in host memory
             (llama.cpp's ``--n-cpu-moe``; :data:`ALL_LAYERS` = every layer, ``--cpu-moe``); the rest
             of the model stays on the GPU. Changes nothing on a CPU-only machine.
+        speculative: speculative decoding (a draft model or prompt lookup), None = off.
     """
 
     n_ctx: int = 4096
@@ -34,6 +62,7 @@ class LoadOptions:
     device: str = "auto"
     seed: int = 0
     n_cpu_moe: int = 0
+    speculative: SpeculativeOptions | None = None
 
 
 #: ``LoadOptions.n_cpu_moe`` for "the experts of every layer" (``--cpu-moe``).
@@ -114,6 +143,14 @@ class Timings:
     prefill_tok_s: float = 0.0
     decode_tok_s: float = 0.0  # generated tokens after the first / time after the first
     total_s: float = 0.0
+    draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    draft_accepted: int = 0  # ... of which the model accepted this many
+    verify_steps: int = 0  # ... in this many batched verification passes
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / proposed draft tokens (0 without speculative decoding)."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

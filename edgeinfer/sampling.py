@@ -82,3 +82,31 @@ class Sampler:
         ids, vals = filter_candidates(logits, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(vals / p.temperature, dim=-1)
         return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
+
+    @property
+    def greedy(self) -> bool:
+        return self.p.temperature <= 0
+
+    def probs(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The distribution :meth:`__call__` samples from, over the whole vocabulary: [V] float32 (CPU).
+
+        Zero outside the candidates the chain keeps; one-hot at the argmax when greedy. Speculative
+        decoding (:mod:`edgeinfer.engine.speculative`) compares the model's and the draft's.
+        """
+        p = self.p
+        logits = apply_penalties(logits.float().cpu(), history, p.repeat_penalty, p.repeat_last_n)
+        out = torch.zeros_like(logits)
+        if p.temperature <= 0:
+            out[int(torch.argmax(logits))] = 1.0
+            return out
+        ids, vals = filter_candidates(logits, p.top_k, p.top_p, p.min_p)
+        out[ids] = torch.softmax(vals / p.temperature, dim=-1)
+        return out
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token id drawn from the (not necessarily normalized) weights ``probs`` [V]."""
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def uniform(self) -> float:
+        """A uniform number in [0, 1) from this sampler's generator."""
+        return float(torch.rand((), generator=self.gen))

@@ -480,14 +480,17 @@ class Transformer(nn.Module):
         return logits
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos0: int, last_only: bool = False) -> torch.Tensor:
-        """ids: [1, S] token ids at positions pos0.. -> logits [1, S or 1, vocab] float32."""
+    def forward(self, ids: torch.Tensor, pos0: int, last_only: bool = False, keep_last: int = 0) -> torch.Tensor:
+        """ids: [1, S] token ids at positions pos0.. -> logits [1, S or 1, vocab] float32.
+
+        ``keep_last=n``: logits of the last ``n`` positions only, [1, n, vocab] (speculative verification).
+        """
         if pos0 + ids.shape[1] > self.n_ctx:
             raise IndexError(f"positions up to {pos0 + ids.shape[1]} exceed the context of {self.n_ctx}")
         h = self.embed(ids)  # [1, S, dim]
         step = Step(pos0, self.layer_inputs(ids, h))
         for layer in self.layers:
             h = layer(h, step)
-        if last_only:
-            h = h[:, -1:]
+        if last_only or keep_last:
+            h = h[:, -(keep_last or 1):]
         return self.head(h)

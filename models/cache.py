@@ -4,6 +4,12 @@ possibly shared with another layer's (KV-shared layers read the producer's keys 
 :class:`KVCache` keeps keys/values of full or sliding-window layers (a ring buffer of the window
 when the window is shorter than the context). Caches with another layout (a compressed latent,
 as DeepSeek's multi-head latent attention caches) implement the same ``update``/``shared``/``nbytes``.
+
+Rolling back (speculative decoding, :mod:`edgeinfer.engine.speculative`): a cache that is not a ring
+needs nothing -- the next write at position ``p`` overwrites what was there and a query at ``p`` reads
+only positions ``< p + 1``. A ring buffer overwrites the slots of older positions still inside the
+window, so :meth:`KVCache.mark` starts logging what each write replaces and :meth:`KVCache.rollback`
+puts it back.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class KVCache:
         self.k = torch.zeros(1, n_kv_head, self.size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(1, n_kv_head, self.size, v_dim or head_dim, device=device, dtype=dtype)
         self._last: tuple | None = None  # (pos0, s, keys, values, mask) of the latest update
+        self._mark: int | None = None  # ring buffers: writes of positions >= this are logged
+        self._log: list[tuple] = []  # (position, slot, old keys, old values), oldest first
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
@@ -47,6 +55,26 @@ class KVCache:
         if last is None or last[0] != pos0 or last[1] != s:
             raise RuntimeError(f"shared KV cache read for positions {pos0}+{s} before the producing layer ran")
         return last[2:]
+
+    def mark(self, pos: int) -> None:
+        """Positions ``>= pos`` written from now on may be undone by :meth:`rollback` (ring buffers
+        log what each write replaces; other caches need nothing). Forgets the previous log."""
+        self._mark = pos if self.ring else None
+        self._log.clear()
+
+    def rollback(self, pos: int) -> None:
+        """Undo the writes of positions ``>= pos`` made since :meth:`mark` (``pos >= `` the mark)."""
+        while self._log and self._log[-1][0] >= pos:
+            _, slot, k, v = self._log.pop()
+            self.k[:, :, slot] = k
+            self.v[:, :, slot] = v
+        self._last = None
+
+    def _save(self, first: int, end: int) -> None:
+        """Log the ring slots that positions ``first .. end-1`` are about to overwrite (from the mark on)."""
+        for p in range(max(first, self._mark), end):
+            slot = p % self.size
+            self._log.append((p, slot, self.k[:, :, slot].clone(), self.v[:, :, slot].clone()))
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
         """Store k, v [1, H_kv, S, D] for positions pos0..pos0+S-1 (see :meth:`_update`)."""
@@ -74,6 +102,8 @@ class KVCache:
                 return keys, vals, None  # decode: every cached key is visible
             kpos = torch.arange(end, device=dev)
         elif s == 1:  # decode: after writing, the ring holds exactly the visible window
+            if self._mark is not None:
+                self._save(pos0, end)
             self.k[:, :, pos0 % self.size] = k[:, :, 0]
             self.v[:, :, pos0 % self.size] = v[:, :, 0]
             n = min(end, self.size)
@@ -86,6 +116,8 @@ class KVCache:
             kpos = torch.cat([old, torch.arange(pos0, end, device=dev)])
             n = min(s, w)
             slots = torch.arange(end - n, end, device=dev) % w
+            if self._mark is not None:
+                self._save(end - n, end)
             self.k[:, :, slots] = k[:, :, s - n:]
             self.v[:, :, slots] = v[:, :, s - n:]
         qpos = torch.arange(pos0, end, device=dev)[:, None]

@@ -129,7 +129,7 @@ class Runner:
         op = msg.get("op")
         if op == "generate":
             self.engine.submit(Request(int(msg["id"]), [int(t) for t in msg["tokens"]], int(msg["n_max"]),
-                                       msg["sampling"], int(msg.get("seed", 0))))
+                                       msg["sampling"], int(msg.get("seed", 0)), msg.get("spec")))
         elif op == "cancel":
             self.engine.cancel(int(msg["id"]))
         elif op == "exit":

@@ -9,6 +9,14 @@ tokens share the longest prefix with its prompt, and only the rest of the prompt
 The sampler chain is llama-cpp-python's (``Llama._init_sampler``): penalties, then greedy when
 ``temperature <= 0``, else top-k, typical (1.0), top-p, min-p, temperature, a seeded dist --
 so the same seed gives the same tokens as ``llama_cpp.Llama.generate``.
+
+Prompt lookup (a request's ``spec``, :mod:`edgeinfer.engine.prompt_lookup`): a generating slot puts
+its next token *and* up to ``n_draft`` guessed tokens into the batch, all with logits; the slot's
+sampler then samples row by row and stops at the first token that differs from the guess (that
+token is the step's last). Sampling and comparing is exact speculative sampling for deterministic
+drafts (accept ``d`` with probability ``p(d)``, else a token from ``p`` without ``d``), and the
+sampler sees exactly the tokens emitted, so its penalties and RNG advance as in plain decoding
+(greedy output is plain greedy's). The K/V of rejected guesses are dropped with ``seq_rm``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
+
+from edgeinfer.engine.prompt_lookup import PromptLookup
 
 
 @dataclass
@@ -28,6 +38,7 @@ class Request:
     n_max: int
     sampling: dict
     seed: int = 0
+    spec: dict | None = None  # prompt lookup: n_draft, ngram_max, ngram_min (runner_protocol)
 
 
 @dataclass
@@ -44,6 +55,9 @@ class Slot:
     t_first: float = 0.0  # when its first token was sampled
     t_last: float = 0.0
     out_index: int = -1  # row of this slot's logits in the current batch, -1 if none
+    lookup: PromptLookup | None = None  # prompt-lookup drafting, when the request asks for it
+    drafts: list[int] = field(default_factory=list)  # guesses in the current batch, after next_tok
+    spec: list[int] = field(default_factory=lambda: [0, 0, 0])  # drafted, accepted, verify steps
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -108,6 +122,10 @@ class SlotEngine:
         slot.req, slot.n_gen, slot.n_reused, slot.next_tok = req, 0, keep, None
         slot.t_start = slot.t_first = slot.t_last = time.perf_counter()
         slot.sampler = self._sampler(req.sampling, req.seed)
+        sp = req.spec
+        slot.lookup = PromptLookup(int(sp["n_draft"]), int(sp.get("ngram_max", 5)), int(sp.get("ngram_min", 3))) \
+            if sp and int(sp.get("n_draft", 0)) > 0 else None
+        slot.drafts, slot.spec = [], [0, 0, 0]
 
     def _sampler(self, s: dict, seed: int):
         lc = self.lc
@@ -131,8 +149,10 @@ class SlotEngine:
         if slot.sampler is not None:
             self.lc.llama_sampler_free(slot.sampler)
         slot.req, slot.sampler, slot.pending, slot.next_tok, slot.out_index = None, None, [], None, -1
+        slot.lookup, slot.drafts = None, []
         self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused, "n_gen": slot.n_gen,
-                   "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first})
+                   "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first,
+                   "spec": slot.spec})
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> None:
@@ -140,15 +160,21 @@ class SlotEngine:
         self._assign()
         b, n = self.batch, 0
         fed: list[tuple[Slot, list[int]]] = []  # what each slot put into this batch
-        for s in self.slots:  # generating slots first: one token each
+        waiting = sum(1 for s in self.slots if s.req is not None and s.next_tok is not None)
+        for s in self.slots:  # generating slots first: one token each (and their guesses)
             s.out_index = -1
             if s.req is None or s.next_tok is None:
                 continue
             if len(s.cached) >= self.n_ctx_seq:
+                waiting -= 1
                 self._finish(s, "context")
                 continue
+            s.out_index = n
             n = self._add(b, n, s.next_tok, len(s.cached), s.seq, True)
-            s.out_index = n - 1
+            waiting -= 1
+            s.drafts = self._drafts(s, n + waiting)
+            for i, tok in enumerate(s.drafts):
+                n = self._add(b, n, tok, len(s.cached) + 1 + i, s.seq, True)
             fed.append((s, [s.next_tok]))
         for s in self.slots:  # then prompt chunks, as far as the batch goes
             if s.req is None or not s.pending or n >= self.n_batch:
@@ -176,20 +202,52 @@ class SlotEngine:
         for s, toks in fed:
             s.cached.extend(toks)
             s.next_tok = None
-            if s.out_index < 0:
-                continue
-            tok = self.lc.llama_sampler_sample(s.sampler, self.ctx, s.out_index)
+            if s.out_index >= 0:
+                self._sample(s)
+
+    def _drafts(self, s: Slot, n: int) -> list[int]:
+        """Prompt-lookup guesses after ``s.next_tok`` that fit the batch (``n`` rows used), the
+        context and the request's token budget."""
+        if s.lookup is None:
+            return []
+        s.lookup.sync(s.cached + [s.next_tok])
+        room = min(self.n_batch - n, self.n_ctx_seq - len(s.cached) - 1, s.req.n_max - s.n_gen - 1)
+        return s.lookup.draft(room) if room > 0 else []
+
+    def _sample(self, s: Slot) -> None:
+        """Sample the slot's rows of the batch: one token, or with guesses up to the first that the
+        sampled token differs from; drop the K/V of the guesses that were not accepted."""
+        drafts, s.drafts = s.drafts, []
+        out: list[int] = []
+        reason = None
+        for i in range(len(drafts) + 1):
+            tok = self.lc.llama_sampler_sample(s.sampler, self.ctx, s.out_index + i)
+            out.append(tok)
             s.n_gen += 1
-            s.t_last = time.perf_counter()
-            if s.n_gen == 1:
-                s.t_first = s.t_last
-            self.emit({"ev": "tok", "id": s.req.id, "tok": tok})
             if self.lc.llama_vocab_is_eog(self.vocab, tok):
-                self._finish(s, "eog")
+                reason = "eog"
             elif s.n_gen >= s.req.n_max:
-                self._finish(s, "length")
-            else:
-                s.next_tok = tok  # decoded (its K/V written) in the next step
+                reason = "length"
+            if reason is None and i < len(drafts) and tok == drafts[i]:
+                s.cached.append(tok)  # its K/V were computed in this batch
+                continue
+            break
+        s.t_last = time.perf_counter()
+        if s.n_gen == len(out):
+            s.t_first = s.t_last
+        if s.lookup is not None:
+            s.lookup.feedback(len(drafts), len(out) - 1)
+            s.spec[0] += len(drafts)
+            s.spec[1] += len(out) - 1 if reason is None else sum(1 for a, b in zip(out, drafts) if a == b)
+            s.spec[2] += 1
+        if drafts:
+            self.lc.llama_memory_seq_rm(self.mem, s.seq, len(s.cached), -1)
+        for tok in out:
+            self.emit({"ev": "tok", "id": s.req.id, "tok": tok, **({"spec": s.spec} if s.lookup else {})})
+        if reason is not None:
+            self._finish(s, reason)
+        else:
+            s.next_tok = out[-1]  # decoded (its K/V written) in the next step
 
     @staticmethod
     def _add(b, n: int, tok: int, pos: int, seq: int, logits: bool) -> int:

@@ -27,7 +27,7 @@ from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_siz
                                        vocab_only_log_filter)
 from edgeinfer.backends.llama_placement import ENV_AMX, ENV_REPACK, BufferPolicy, TensorOverride, expert_overrides
 from edgeinfer.backends.runner_client import RunnerDied, RunnerLoadError, RunnerProcess, child_env
-from edgeinfer.backends.runner_protocol import sampling_dict
+from edgeinfer.backends.runner_protocol import sampling_dict, spec_dict
 from edgeinfer.errors import BackendCrashedError, BackendError, InvalidModelError
 from edgeinfer.gguf_check import validate_gguf
 
@@ -71,6 +71,11 @@ class LlamaCppBackend(LlamaCppVocab):
         self.policy = BufferPolicy.from_env()  # a bad EDGEINFER_LLAMA_* value fails here, in one line
         self.n_threads = opts.n_threads or default_threads()
         self.seed = opts.seed
+        spec = opts.speculative
+        if spec is not None and spec.draft:
+            raise BackendError(f"--draft {spec.draft}: a draft model needs --backend torch; the llama.cpp backend "
+                               "drafts by --prompt-lookup")
+        self._spec = spec_dict(spec)
         self._load = {"path": str(self.path), "n_ctx": context_size(self.header, opts.n_ctx), "n_seq": n_seq,
                       "n_batch": 512, "n_threads": self.n_threads,
                       "n_gpu_layers": opts.n_gpu_layers if opts.device != "cpu" else 0,
@@ -153,7 +158,8 @@ class LlamaCppBackend(LlamaCppVocab):
         ready = self.runner.info if self.runner is not None else {}
         return self._model_info(device, self.n_ctx, {
             "threads": self.n_threads, "runner_pid": self.runner_pid, "buffers": dict(ready.get("buffers", {})),
-            "placement": ready.get("placement", ""), "runner_restarts": self.restarts})
+            "placement": ready.get("placement", ""), "runner_restarts": self.restarts,
+            **({"speculative": f"prompt lookup, {self._spec['n_draft']} drafts"} if self._spec else {})})
 
     def memory_bytes(self) -> dict:
         """The runner's memory (the model lives there): ``rss``, ``peak``; ``host_rss`` is this process."""
@@ -176,13 +182,16 @@ class LlamaCppBackend(LlamaCppVocab):
         left = n_ctx - len(tokens)
         n_max = min(params.max_tokens, left) if params.max_tokens > 0 else left
         seed = self.seed if params.seed is None else params.seed
-        rid = runner.submit(tokens, n_max, sampling_dict(params), seed)
+        rid = runner.submit(tokens, n_max, sampling_dict(params), seed, self._spec)
         self._current = rid
         end: dict = {}
         try:
             for ev in self._stream(self._token_ids(runner, rid, end), tokens, params, n_ctx, t0):
                 if isinstance(ev, DoneEvent) and end.get("reason") == "cancelled" and ev.finish_reason == "stop":
                     ev.finish_reason = "cancelled"  # the runner stopped first; stream_events saw the end
+                if isinstance(ev, DoneEvent) and end.get("spec"):
+                    tm = ev.timings
+                    tm.draft_tokens, tm.draft_accepted, tm.verify_steps = (int(x) for x in end["spec"])
                 yield ev
         finally:
             self._current = None
@@ -194,6 +203,8 @@ class LlamaCppBackend(LlamaCppVocab):
             for msg in runner.events(rid):
                 ev = msg.get("ev")
                 if ev == "tok":
+                    if "spec" in msg:
+                        end["spec"] = msg["spec"]  # the counts so far (the end event may go unread)
                     yield int(msg["tok"])
                 elif ev == "end":
                     finished = True

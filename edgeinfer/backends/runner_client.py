@@ -206,15 +206,18 @@ class RunnerProcess:
         self.info = msg
         return msg
 
-    def submit(self, tokens: list[int], n_max: int, sampling: dict, seed: int) -> int:
-        """Start a generation; returns its request id (read it with :meth:`events`)."""
+    def submit(self, tokens: list[int], n_max: int, sampling: dict, seed: int, spec: dict | None = None) -> int:
+        """Start a generation; returns its request id (read it with :meth:`events`). ``spec``:
+        prompt-lookup drafting (:func:`~edgeinfer.backends.runner_protocol.spec_dict`)."""
         rid = next(self._ids)
         q: queue.SimpleQueue = queue.SimpleQueue()
         self._queues[rid] = q
         if self.dead:
             q.put(_DEAD)
-        self._send({"op": "generate", "id": rid, "tokens": tokens, "n_max": n_max, "sampling": sampling,
-                    "seed": seed})
+        msg = {"op": "generate", "id": rid, "tokens": tokens, "n_max": n_max, "sampling": sampling, "seed": seed}
+        if spec:
+            msg["spec"] = spec
+        self._send(msg)
         return rid
 
     def events(self, rid: int) -> Iterator[dict]:

@@ -12,7 +12,8 @@ Parent -> runner (``op``):
   (``[[regex, buffer type], ...]``), optional ``cpu_report`` (``extra``: buffer type names;
   tests use it to fake a CPU).
 * ``generate``: ``id``, ``tokens`` (the whole prompt), ``n_max`` (tokens to generate at most),
-  ``sampling`` (:func:`sampling_dict`).
+  ``sampling`` (:func:`sampling_dict`), optional ``spec`` (prompt-lookup drafting: ``n_draft``,
+  ``ngram_max``, ``ngram_min``; :func:`spec_dict`).
 * ``cancel``: ``id``. Unknown or finished ids are ignored.
 * ``exit``.
 
@@ -20,10 +21,11 @@ Runner -> parent (``ev``):
 
 * ``ready``: ``pid``, ``n_ctx``, ``n_seq``, ``load_s``, ``buffers`` (buffer type -> bytes, from
   llama.cpp's load log), ``placement`` (one line), ``system_info``.
-* ``tok``: ``id``, ``tok`` (one sampled token id).
+* ``tok``: ``id``, ``tok`` (one sampled token id); with ``spec``, also ``spec``: ``[drafted,
+  accepted, verify steps]`` of the request so far.
 * ``end``: ``id``, ``reason`` (``eog``, ``length``, ``context``, ``cancelled``), ``n_cached``
   (prompt tokens whose K/V were reused), ``n_gen``, ``prefill_s`` and ``decode_s`` (the runner's
-  own clock: slot start to first token, first to last token).
+  own clock: slot start to first token, first to last token), ``spec`` (as in ``tok``).
 * ``error``: ``id`` (null for load errors), ``message``.
 """
 
@@ -49,6 +51,13 @@ def sampling_dict(params) -> dict:
             "repeat_last_n": int(params.repeat_last_n),
             "presence_penalty": float(getattr(params, "presence_penalty", 0.0) or 0.0),
             "frequency_penalty": float(getattr(params, "frequency_penalty", 0.0) or 0.0)}
+
+
+def spec_dict(opts) -> dict | None:
+    """The prompt-lookup fields of :class:`~edgeinfer.backend.SpeculativeOptions` (None when off)."""
+    if opts is None or not opts.prompt_lookup:
+        return None
+    return {"n_draft": int(opts.n_draft), "ngram_max": int(opts.ngram_max), "ngram_min": int(opts.ngram_min)}
 
 
 class FrameWriter:

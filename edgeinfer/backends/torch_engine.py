@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from edgeinfer.backend import Event, LoadOptions, Message, ModelInfo, SamplingParams
+from edgeinfer.backend import DoneEvent, Event, LoadOptions, Message, ModelInfo, SamplingParams
 from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_size, default_threads, load_vocab_model,
                                        process_memory)
 from edgeinfer.engine.loader import load_model, pick_device
@@ -78,6 +78,20 @@ class TorchBackend(LlamaCppVocab):
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._reuse_prefix = not any(layer.attn.cache.ring for layer in self.model.layers)
         self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name, self.adds_bos())
+        self.speculator = self._draft_vocab = None
+        if opts.speculative is not None and opts.speculative.enabled:
+            self._init_speculative(opts.speculative, n_ctx)
+            self.load_s = time.perf_counter() - t0
+
+    def _init_speculative(self, spec, n_ctx: int) -> None:
+        """Speculative decoding (:mod:`edgeinfer.engine.speculative`): load the draft model, if any."""
+        from edgeinfer.engine.speculative import Speculator
+
+        draft = None
+        if spec.draft:
+            draft, self._draft_vocab = Speculator.load_draft(spec.draft, self.header, self._vocab, self.device,
+                                                             n_ctx, self.numerics)
+        self.speculator = Speculator(self.model, spec, self.device, draft)
 
     # -- info ----------------------------------------------------------------------------------
     def device_label(self) -> str:
@@ -89,9 +103,11 @@ class TorchBackend(LlamaCppVocab):
         return self.device.type
 
     def info(self) -> ModelInfo:
-        return self._model_info(self.device_label(), self.n_ctx, {
-            "threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
-            "weight_bytes": self.report.weight_bytes, "offloaded_expert_bytes": self.report.offloaded_bytes})
+        extra = {"threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
+                 "weight_bytes": self.report.weight_bytes, "offloaded_expert_bytes": self.report.offloaded_bytes}
+        if self.speculator is not None:
+            extra["speculative"] = f"{self.speculator.kind}, {self.speculator.n_draft} drafts"
+        return self._model_info(self.device_label(), self.n_ctx, extra)
 
     def memory_bytes(self) -> dict:
         dev, peak = 0, _peak_rss()
@@ -119,6 +135,9 @@ class TorchBackend(LlamaCppVocab):
             while start < min(len(self._cached), len(tokens) - 1) and self._cached[start] == tokens[start]:
                 start += 1
         self._cached = tokens[:start]
+        if self.speculator is not None:
+            yield from self.speculator.tokens(tokens, self._cached, sampler)
+            return
         history: list[int] = []  # like llama-cpp-python: the penalty window sees generated tokens only
         logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
         self._cached = list(tokens)
@@ -139,9 +158,18 @@ class TorchBackend(LlamaCppVocab):
         tokens = self._prompt_tokens(prompt, self.n_ctx, params.think)
         sampler = Sampler(params, self.seed if params.seed is None else params.seed)
         gen = self._token_stream(tokens, sampler)
-        yield from self._stream(gen, tokens, params, self.n_ctx, t0)
+        for ev in self._stream(gen, tokens, params, self.n_ctx, t0):
+            if isinstance(ev, DoneEvent) and self.speculator is not None:
+                st = self.speculator.stats
+                ev.timings.draft_tokens, ev.timings.draft_accepted, ev.timings.verify_steps = (
+                    st.drafted, st.accepted, st.steps)
+            yield ev
 
     def close(self) -> None:
+        if getattr(self, "_draft_vocab", None) is not None:
+            self._draft_vocab.close()
+            self._draft_vocab = None
+        self.speculator = None
         if getattr(self, "_vocab_llm", None) is not None:
             self._vocab_llm.close()
             self._vocab_llm = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgeinfer.backend import SAMPLING_BOUNDS, Bound
+from edgeinfer.errors import EdgeinferError
 
 
 def bounded(b: Bound):
@@ -49,6 +50,36 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                      help="MoE models: keep the experts of the first N layers in host memory")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", metavar="MODEL", default=None,
+                   help="torch engine: a small draft model with the same vocabulary (path, name or REPO[:QUANT]) "
+                        "that proposes tokens the model verifies in one batch")
+    g.add_argument("--draft-n", type=_num(int, 1, 64), default=None, metavar="K",
+                   help="tokens drafted per step (default 8)")
+    g.add_argument("--prompt-lookup", action="store_true",
+                   help="draft by n-gram lookup in the prompt and the text so far (no draft model; both backends; "
+                        "pays off when the output copies from the input, e.g. code editing)")
+
+
+def speculative_options(args):
+    """The :class:`~edgeinfer.backend.SpeculativeOptions` of ``--draft`` / ``--prompt-lookup`` (None: off);
+    resolves the draft model like ``--model``."""
+    from edgeinfer.backend import SpeculativeOptions
+
+    draft, lookup = getattr(args, "draft", None), getattr(args, "prompt_lookup", False)
+    if not draft and not lookup:
+        if getattr(args, "draft_n", None) is not None:
+            raise EdgeinferError("--draft-n needs --draft MODEL or --prompt-lookup")
+        return None
+    if draft:
+        from edgeinfer.resolve import resolve_model
+
+        draft = str(resolve_model(draft, allow_download=True))
+    k = args.draft_n or 8
+    return SpeculativeOptions(draft=draft or None, n_draft=k, prompt_lookup=lookup and not draft)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     b = SAMPLING_BOUNDS  # the ranges (and what special values mean) the TUI's settings screen uses too
@@ -74,7 +105,8 @@ def load_options(args):
 
     return LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                        device=args.device, seed=args.seed,
-                       n_cpu_moe=ALL_LAYERS if getattr(args, "cpu_moe", False) else getattr(args, "n_cpu_moe", 0))
+                       n_cpu_moe=ALL_LAYERS if getattr(args, "cpu_moe", False) else getattr(args, "n_cpu_moe", 0),
+                       speculative=speculative_options(args))
 
 
 def sampling_params(args):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from edgeinfer.errors import EdgeinferError
-from edgeinfer.cli.args import add_load_args, add_model_arg, add_sampling_args, load_options, sampling_params
+from edgeinfer.cli.args import (add_load_args, add_model_arg, add_sampling_args, add_speculative_args, load_options,
+                                sampling_params)
 
 
 def add_arguments(p) -> None:
@@ -16,6 +17,7 @@ def add_arguments(p) -> None:
                    help="chat database file (default: the platform's data folder, or $EDGEINFER_DATA_DIR)")
     add_sampling_args(p)
     add_load_args(p)
+    add_speculative_args(p)
 
 
 def main(args) -> int:
