@@ -8,7 +8,10 @@ tokens share the longest prefix with its prompt, and only the rest of the prompt
 
 The sampler chain is llama-cpp-python's (``Llama._init_sampler``): penalties, then greedy when
 ``temperature <= 0``, else top-k, typical (1.0), top-p, min-p, temperature, a seeded dist --
-so the same seed gives the same tokens as ``llama_cpp.Llama.generate``.
+so the same seed gives the same tokens as ``llama_cpp.Llama.generate``. A request may add a GBNF
+``grammar`` (after the penalties, where ``Llama._init_sampler`` puts it) and ask for ``n_probs``:
+the log-probability of each sampled token and the ``n_probs`` most likely ones, from the log-softmax
+of the raw logits (the model's distribution, as OpenAI's ``logprobs`` report it).
 """
 
 from __future__ import annotations
@@ -108,13 +111,22 @@ class SlotEngine:
         slot.req, slot.n_gen, slot.n_reused, slot.next_tok = req, 0, keep, None
         slot.t_start = slot.t_first = slot.t_last = time.perf_counter()
         slot.sampler = self._sampler(req.sampling, req.seed)
+        if slot.sampler is None:
+            self._finish(slot, "error", "the grammar does not parse (llama.cpp's GBNF parser refused it)")
 
     def _sampler(self, s: dict, seed: int):
+        """The sampler chain of one request; None if its grammar does not parse."""
         lc = self.lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
         add(lc.llama_sampler_init_penalties(self.n_vocab, s["repeat_last_n"], s["repeat_penalty"],
                                             s["frequency_penalty"], s["presence_penalty"]))
+        if s.get("grammar"):
+            g = lc.llama_sampler_init_grammar(self.vocab, s["grammar"].encode("utf-8"), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                return None
+            add(g)
         if s["temperature"] <= 0:
             add(lc.llama_sampler_init_greedy())
         else:
@@ -126,11 +138,14 @@ class SlotEngine:
             add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _finish(self, slot: Slot, reason: str) -> None:
+    def _finish(self, slot: Slot, reason: str, error: str = "") -> None:
         req = slot.req
         if slot.sampler is not None:
             self.lc.llama_sampler_free(slot.sampler)
         slot.req, slot.sampler, slot.pending, slot.next_tok, slot.out_index = None, None, [], None, -1
+        if error:
+            self.emit({"ev": "error", "id": req.id, "message": error})
+            return
         self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused, "n_gen": slot.n_gen,
                    "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first})
 
@@ -183,13 +198,31 @@ class SlotEngine:
             s.t_last = time.perf_counter()
             if s.n_gen == 1:
                 s.t_first = s.t_last
-            self.emit({"ev": "tok", "id": s.req.id, "tok": tok})
+            msg = {"ev": "tok", "id": s.req.id, "tok": tok}
+            if s.req.sampling.get("n_probs") is not None:  # 0: the sampled token's log-probability only
+                msg["lp"] = self._logprobs(s.out_index, tok, int(s.req.sampling["n_probs"]))
+            self.emit(msg)
             if self.lc.llama_vocab_is_eog(self.vocab, tok):
                 self._finish(s, "eog")
             elif s.n_gen >= s.req.n_max:
                 self._finish(s, "length")
             else:
                 s.next_tok = tok  # decoded (its K/V written) in the next step
+
+    def _logprobs(self, row: int, tok: int, n_top: int) -> list:
+        """``[logprob of tok, [[id, logprob], ...n_top best]]`` from the raw logits of batch row ``row``."""
+        import numpy as np
+
+        ptr = self.lc.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)  # [V], a copy
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        top = []
+        if n_top > 0:
+            ids = np.argpartition(-logits, n_top - 1)[:n_top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            top = [[int(i), float(logits[i] - lse)] for i in ids]
+        return [float(logits[tok] - lse), top]
 
     @staticmethod
     def _add(b, n: int, tok: int, pos: int, seq: int, logits: bool) -> int:

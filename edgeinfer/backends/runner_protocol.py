@@ -12,7 +12,8 @@ Parent -> runner (``op``):
   (``[[regex, buffer type], ...]``), optional ``cpu_report`` (``extra``: buffer type names;
   tests use it to fake a CPU).
 * ``generate``: ``id``, ``tokens`` (the whole prompt), ``n_max`` (tokens to generate at most),
-  ``sampling`` (:func:`sampling_dict`).
+  ``sampling`` (:func:`sampling_dict`; optional ``grammar``: GBNF text with a ``root`` rule, and
+  ``n_probs``: report log-probabilities, with that many top alternatives).
 * ``cancel``: ``id``. Unknown or finished ids are ignored.
 * ``exit``.
 
@@ -20,11 +21,12 @@ Runner -> parent (``ev``):
 
 * ``ready``: ``pid``, ``n_ctx``, ``n_seq``, ``load_s``, ``buffers`` (buffer type -> bytes, from
   llama.cpp's load log), ``placement`` (one line), ``system_info``.
-* ``tok``: ``id``, ``tok`` (one sampled token id).
+* ``tok``: ``id``, ``tok`` (one sampled token id); with ``n_probs`` also ``lp``:
+  ``[logprob, [[token id, logprob], ...]]``.
 * ``end``: ``id``, ``reason`` (``eog``, ``length``, ``context``, ``cancelled``), ``n_cached``
   (prompt tokens whose K/V were reused), ``n_gen``, ``prefill_s`` and ``decode_s`` (the runner's
   own clock: slot start to first token, first to last token).
-* ``error``: ``id`` (null for load errors), ``message``.
+* ``error``: ``id`` (null for load errors), ``message`` (also a grammar that does not parse).
 """
 
 from __future__ import annotations
