@@ -164,6 +164,33 @@ def test_ollama_format_show_ps_version(oll, srv):
     assert httpx.get(srv.url + "/api/version", headers={"Authorization": f"Bearer {KEY}"}).json()["version"]
 
 
+def test_ollama_keep_alive_0_unloads_and_the_next_request_reloads(oll):
+    r = oll.generate(model="default", prompt="", keep_alive=0)
+    assert r.done and r.done_reason == "unload"
+    assert oll.ps().models == []
+    r = oll.generate(model="default", prompt="", keep_alive="10m")  # an empty prompt loads the model
+    assert r.done_reason == "load" and [m.model for m in oll.ps().models] == ["default"]
+    g = oll.generate(model="default", prompt=RAW, raw=True, options={"temperature": 0, "num_predict": 2})
+    assert g.eval_count == 2
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from _serve import env
+
+    for args, needle in ((["-m", str(tmp_path / "missing.gguf")], "missing.gguf"),
+                         (["--keep-alive", "soon"], "--keep-alive"), (["--memory-budget", "lots"], "--memory-budget")):
+        p = subprocess.run([sys.executable, "-m", "edgeinfer", "serve", "--port", "0", *args], capture_output=True,
+                           text=True, env=env(tmp_path), timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith("edgeinfer: error:") and needle in p.stderr
+    p = subprocess.run([sys.executable, "-m", "edgeinfer", "serve", "--host", "0.0.0.0", "-m",
+                        str(tmp_path / "missing.gguf")], capture_output=True, text=True, env=env(tmp_path), timeout=120)
+    assert "WARNING: listening on 0.0.0.0 without --api-key" in p.stderr and p.returncode == 2
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def test_bad_key_is_401(srv):
     bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)

@@ -121,6 +121,7 @@ def test_lru_unload_and_keep_alive(fake_pool):
         assert e.value.status == 503
         sa.release()
         sb = await p.acquire("b")  # "a" is idle now: unloaded for "b"
+        await p.wait_closed()
         assert ea.closed and p.models["a"].engine is None and p.models["b"].engine is sb.engine
         sb.release()
         p.models["b"].keep_alive = 0.0

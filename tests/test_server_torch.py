@@ -12,6 +12,8 @@ import pytest
 
 from _serve import Served, run_cli
 
+pytestmark = pytest.mark.slow  # two `edgeinfer run --backend torch` oracles and a server: ~1-2 min on 2 cores
+
 PROMPT = "Name three colors."
 RAW = "The capital of France is"
 N = 12

@@ -102,11 +102,11 @@ def main(args) -> int:
 
     from edgeinfer.server.app import Server
 
-    pool = build_pool(args)
-    max_body = _size(args.max_body, "--max-body")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"edgeinfer serve: WARNING: listening on {args.host} without --api-key: anyone who can reach this "
-              "address can use the models", file=sys.stderr)
+              "address can use the models", file=sys.stderr, flush=True)
+    pool = build_pool(args)
+    max_body = _size(args.max_body, "--max-body")
     app = Server(pool, args.api_key, max_body).app()
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -100,7 +100,7 @@ class ModelPool:
         self.backend, self.opts, self.parallel = backend, opts, parallel
         self.max_queue, self.keep_alive = max_queue, keep_alive
         self.memory_budget, self.max_loaded = memory_budget, max_loaded
-        self._reaper: asyncio.Task | None = None
+        self._closing: list = []  # engine.close() calls running in threads
 
     # -- names -----------------------------------------------------------------------------------
     def lookup(self, name) -> Served:
@@ -194,11 +194,27 @@ class ModelPool:
                                     "retry later", None, "overloaded")
             self._unload(idle[0])
 
-    def _unload(self, m: Served) -> None:
+    def _unload(self, m: Served, wait: bool = False) -> None:
+        """Forget ``m``'s engine and close it -- in a thread unless ``wait`` (stopping a runner can take
+        seconds, and the event loop must keep serving the other models meanwhile)."""
         engine, m.engine = m.engine, None
-        if engine is not None:
-            log.info("unloading %s", m.name)
+        if engine is None:
+            return
+        log.info("unloading %s", m.name)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if wait or loop is None:
             engine.close()
+        else:
+            self._closing.append(loop.run_in_executor(None, engine.close))
+
+    async def wait_closed(self) -> None:
+        """Wait until every engine unloaded so far is closed."""
+        pending, self._closing = self._closing, []
+        if pending:
+            await asyncio.gather(*pending)
 
     def unload(self, name: str) -> None:
         """Unload ``name`` now if it is idle (Ollama's ``keep_alive: 0`` with an empty prompt)."""
@@ -221,5 +237,6 @@ class ModelPool:
                 self._unload(m)
 
     def close(self) -> None:
+        """Close every engine now (server shutdown)."""
         for m in self.loaded():
-            self._unload(m)
+            self._unload(m, wait=True)
