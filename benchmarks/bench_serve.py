@@ -130,10 +130,14 @@ def main() -> None:
             p.terminate()
             p.wait(timeout=30)
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"decode tok/s, medians of {args.runs} interleaved rounds, {args.threads} threads, {args.gen} tokens, "
-          f"default model ({os.path.basename(model_path)}):")
+    best = {k: max(v) for k, v in res.items()}
+    print(f"decode tok/s, medians (and bests) of {args.runs} interleaved rounds, {args.threads} threads, {args.gen} "
+          f"tokens, default model ({os.path.basename(model_path)}):")
     for k, v in med.items():
-        print(f"  {k:<28} {v:8.1f}")
+        print(f"  {k:<28} {v:8.1f}  (best {best[k]:.1f})")
+    b = best
+    print(f"bests: edgeinfer serve x{args.clients} / x1 = {b[f'edgeinfer serve x{args.clients}'] / b['edgeinfer serve x1']:.2f}"
+          f", x1 / edgeinfer run = {b['edgeinfer serve x1'] / b['edgeinfer run']:.2f}")
     c = args.clients
     print(f"edgeinfer serve: {c} clients / 1 client = {med[f'edgeinfer serve x{c}'] / med['edgeinfer serve x1']:.2f}"
           f" (target >= 2.0); 1 client / edgeinfer run = "
