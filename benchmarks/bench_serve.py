@@ -82,9 +82,9 @@ def measure(url: str, model: str, gen: int, clients: int) -> float:
     return n / (max(o[2] for o in out) - min(o[1] for o in out))
 
 
-def run_cli(threads: int, gen: int) -> float:
+def run_cli(threads: int, gen: int, backend: str) -> float:
     cmd = [sys.executable, "-m", "edgeinfer", "run", "--raw", "-p", PROMPT, "--temp", "0", "-n", str(gen),
-           "--threads", str(threads), "--json"]
+           "--threads", str(threads), "--json", "--backend", backend]
     out = subprocess.run(cmd, capture_output=True, check=True, text=True)
     return json.loads(out.stdout)["timings"]["decode_tok_s"]
 
@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--no-llama-server", action="store_true", help="skip llama-cpp-python's server")
+    ap.add_argument("--backend", default="llama.cpp", choices=["llama.cpp", "torch"], help="edgeinfer's engine")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time llama_decode itself with 1 and --clients sequences (the kernel's own scaling)")
     args = ap.parse_args()
 
     from edgeinfer.resolve import default_model_path
@@ -106,7 +109,7 @@ def main() -> None:
     port = free_port()
     procs["edgeinfer serve"] = (subprocess.Popen(
         [sys.executable, "-m", "edgeinfer", "serve", "--port", str(port), "--threads", str(args.threads),
-         "--parallel", str(args.clients), "--ctx", "1024"], env=env, stderr=subprocess.DEVNULL),
+         "--parallel", str(args.clients), "--ctx", "1024", "--backend", args.backend], env=env, stderr=subprocess.DEVNULL),
         f"http://127.0.0.1:{port}", "default")
     if not args.no_llama_server:
         port2 = free_port()
@@ -120,7 +123,7 @@ def main() -> None:
             stream_once(url, model, 4)  # warm up (loads edgeinfer's model lazily)
         res: dict[str, list[float]] = {}
         for r in range(args.runs):  # interleaved: every setting once per round
-            res.setdefault("edgeinfer run", []).append(run_cli(args.threads, args.gen))
+            res.setdefault("edgeinfer run", []).append(run_cli(args.threads, args.gen, args.backend))
             for name, (p, url, model) in procs.items():
                 res.setdefault(f"{name} x1", []).append(measure(url, model, args.gen, 1))
                 res.setdefault(f"{name} x{args.clients}", []).append(measure(url, model, args.gen, args.clients))
@@ -132,7 +135,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in res.items()}
     best = {k: max(v) for k, v in res.items()}
     print(f"decode tok/s, medians (and bests) of {args.runs} interleaved rounds, {args.threads} threads, {args.gen} "
-          f"tokens, default model ({os.path.basename(model_path)}):")
+          f"tokens, default model ({os.path.basename(model_path)}), edgeinfer backend {args.backend}:")
     for k, v in med.items():
         print(f"  {k:<28} {v:8.1f}  (best {best[k]:.1f})")
     b = best
@@ -147,6 +150,47 @@ def main() -> None:
               f"{med[f'llama_cpp.server x{c}'] / med['llama_cpp.server x1']:.2f}; 1 client / edgeinfer run = "
               f"{med['llama_cpp.server x1'] / med['edgeinfer run']:.2f}; edgeinfer serve x{c} / llama_cpp.server "
               f"x{c} = {med[f'edgeinfer serve x{c}'] / med[f'llama_cpp.server x{c}']:.2f}")
+    if args.ceiling:
+        one, many = decode_ceiling(model_path, args.threads, args.clients)
+        print(f"llama_decode alone: 1 sequence {one:.0f} tok/s, {args.clients} sequences {many:.0f} tok/s "
+              f"(best of 60 steps): the kernel's own ceiling for the ratio is {many / one:.2f}")
+
+
+def decode_ceiling(path: str, threads: int, n: int) -> tuple[float, float]:
+    """tok/s of one ``llama_decode`` step with 1 and with ``n`` sequences (best of 60), no server, no sampling."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024 * n, 512, 512, n
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = lc.llama_init_from_model(model, cp)
+    b = lc.llama_batch_init(512, 0, 1)
+    pos = [0] * n
+
+    def step(seqs, toks=1):
+        k = 0
+        for s in seqs:
+            for _ in range(toks):
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = 200, pos[s], 1, 1
+                b.seq_id[k][0] = s
+                pos[s] += 1
+                k += 1
+        b.n_tokens = k
+        t = time.perf_counter()
+        if lc.llama_decode(ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return time.perf_counter() - t
+
+    step(range(n), 32)  # a prompt's worth of K/V in every sequence
+    one = min(step([0]) for _ in range(60))
+    many = min(step(range(n)) for _ in range(60))
+    lc.llama_batch_free(b)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return 1 / one, n / many
 
 
 if __name__ == "__main__":
