@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -203,10 +203,17 @@ class AttnConfig:
 
 @dataclass
 class Step:
-    """What every layer sees of one forward call: the first position and optional per-layer inputs."""
+    """What every layer sees of one forward call: the first position and optional per-layer inputs.
+
+    ``seq`` picks the cache set (sequence) a single-sequence call reads and writes; ``rows`` is set
+    for a multi-sequence decode (:meth:`Transformer.forward_rows`): batch row ``b`` is one token of
+    sequence ``rows[b][0]`` at position ``rows[b][1]``.
+    """
 
     pos0: int
     layer_inputs: torch.Tensor | None = None  # [B, S, n_layer, P] (per-layer embeddings), if the model has them
+    seq: int = 0
+    rows: tuple[tuple[int, int], ...] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -313,16 +320,27 @@ class Attention(nn.Module):
         # -> [B, H, S, D] float32 (e.g. llama.cpp's fp16 roundings), set by a loader
         self.core = None
         self.rope: Rope | None = None  # set by setup_cache
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # sequence 0's, = caches[0]
+        self.caches: list[KVCache] = []  # one per sequence (add_sequences); shared list with kv_from
 
     def setup_cache(self, n_ctx: int, device, dtype, model: "Transformer") -> None:
         """Allocate (or, with ``kv_from``, share) this layer's cache and build its RoPE table."""
         r = self.c.rope
         self.rope = model.rope(r, n_ctx, device)
+        self.n_ctx = n_ctx
         if self.c.kv_from is not None:
-            self.cache = model.layers[self.c.kv_from].attn.cache
+            self.caches = model.layers[self.c.kv_from].attn.caches
         else:
-            self.cache = KVCache(self.n_kv, self.hd, n_ctx, self.window, device, dtype)
+            self.caches = [KVCache(self.n_kv, self.hd, n_ctx, self.window, device, dtype)]
+        self.cache = self.caches[0]
+
+    def add_sequences(self, n_seq: int) -> None:
+        """Give this layer caches for ``n_seq`` sequences (like sequence 0's; a KV-sharing layer reads its
+        producer's list, which grows in place)."""
+        if self.c.kv_from is None:
+            c0 = self.caches[0]
+            while len(self.caches) < n_seq:
+                self.caches.append(KVCache(self.n_kv, self.hd, self.n_ctx, self.window, c0.k.device, c0.k.dtype))
 
     def _qkv(self, x: torch.Tensor):
         if self.qkv is not None:
@@ -333,29 +351,34 @@ class Attention(nn.Module):
         return self.attn_q(x), k, (k if self.c.k_eq_v else self.attn_v(x))
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """x: [1, S, dim] -> [1, S, dim]."""
+        """x: [1, S, dim] (or [B, 1, dim] with ``step.rows``: one token of B sequences) -> same shape."""
         b, s, _ = x.shape
-        pos0 = step.pos0
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x)  # the projections run batched over every row
         q = q.view(b, s, self.n_head, self.hd)  # [B, S, H, D]
         if self.c.qk_norm:
             q = self.attn_q_norm(q)
-        q = self.rope(q, pos0).transpose(1, 2)  # [B, H, S, D]
-        if k is None:
-            keys, vals, mask = self.cache.shared(pos0, s)  # [B, H_kv, L, D], produced by layer kv_from
-        else:
+        if k is not None:
             k = k.view(b, s, self.n_kv, self.hd)
             v = v.view(b, s, self.n_kv, self.hd)
             if self.v_norm is not None:
                 v = self.v_norm(v)
             if self.c.qk_norm:
                 k = self.attn_k_norm(k)
-            k = self.rope(k, pos0)
-            keys, vals, mask = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), pos0)
-        if self.core is not None:
-            o = self.core(q, keys, vals, mask, self.scale)  # [B, H, S, D]
-        else:
-            o = attend(q, keys, vals, mask, self.scale)
+        rows = step.rows or ((step.seq, step.pos0),)
+        outs = []
+        for i, (seq, pos0) in enumerate(rows):  # attention reads each sequence's own cache
+            cache = self.caches[seq]
+            qi = self.rope(q[i:i + 1], pos0).transpose(1, 2)  # [1, H, S, D]
+            if k is None:
+                keys, vals, mask = cache.shared(pos0, s)  # [1, H_kv, L, D], produced by layer kv_from
+            else:
+                ki = self.rope(k[i:i + 1], pos0)
+                keys, vals, mask = cache.update(ki.transpose(1, 2), v[i:i + 1].transpose(1, 2), pos0)
+            if self.core is not None:
+                outs.append(self.core(qi, keys, vals, mask, self.scale))  # [1, H, S, D]
+            else:
+                outs.append(attend(qi, keys, vals, mask, self.scale))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
         return self.attn_output(o.transpose(1, 2).reshape(b, s, self.n_head * self.hd).float())
 
 
@@ -457,6 +480,20 @@ class Transformer(nn.Module):
                 m.setup_cache(n_ctx, device, cache_dtype, self)
         self.n_ctx = n_ctx
 
+    def add_sequences(self, n_seq: int) -> None:
+        """Caches for ``n_seq`` sequences that :meth:`forward` (``seq=``) and :meth:`forward_rows` address.
+
+        Raises:
+            NotImplementedError: an attention module of this model has a single cache (e.g. latent attention).
+        """
+        for m in self.modules():
+            if m is not self and hasattr(m, "setup_cache"):
+                if not hasattr(m, "add_sequences"):
+                    raise NotImplementedError(f"{type(m).__name__} keeps one sequence only")
+        for m in self.modules():
+            if m is not self and hasattr(m, "add_sequences"):
+                m.add_sequences(n_seq)
+
     def cache_bytes_per_token(self) -> int:
         """KV-cache bytes one position costs over all layers (shared caches counted once)."""
         seen = {id(c): c for m in self.modules() if (c := getattr(m, "cache", None)) is not None}
@@ -480,17 +517,31 @@ class Transformer(nn.Module):
         return logits
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos0: int, last_only: bool = False, keep_last: int = 0) -> torch.Tensor:
-        """ids: [1, S] token ids at positions pos0.. -> logits [1, S or 1, vocab] float32.
+    def forward(self, ids: torch.Tensor, pos0: int, last_only: bool = False, keep_last: int = 0,
+                seq: int = 0) -> torch.Tensor:
+        """ids: [1, S] token ids at positions pos0.. of sequence ``seq`` -> logits [1, S or 1, vocab] float32.
 
         ``keep_last=n``: logits of the last ``n`` positions only, [1, n, vocab] (speculative verification).
         """
         if pos0 + ids.shape[1] > self.n_ctx:
             raise IndexError(f"positions up to {pos0 + ids.shape[1]} exceed the context of {self.n_ctx}")
         h = self.embed(ids)  # [1, S, dim]
-        step = Step(pos0, self.layer_inputs(ids, h))
+        step = Step(pos0, self.layer_inputs(ids, h), seq=seq)
         for layer in self.layers:
             h = layer(h, step)
         if last_only or keep_last:
             h = h[:, -(keep_last or 1):]
         return self.head(h)
+
+    @torch.inference_mode()
+    def forward_rows(self, ids: torch.Tensor, rows: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """One decode step of several sequences at once: ids [B, 1], row b the next token of sequence
+        ``rows[b][0]`` at position ``rows[b][1]`` -> logits [B, vocab] float32. Matmuls run on all rows
+        together; attention reads each row's own cache (see :meth:`add_sequences`)."""
+        if any(pos >= self.n_ctx for _, pos in rows):
+            raise IndexError(f"a position exceeds the context of {self.n_ctx}")
+        h = self.embed(ids)  # [B, 1, dim]
+        step = Step(rows[0][1], self.layer_inputs(ids, h), rows=tuple((int(s), int(p)) for s, p in rows))
+        for layer in self.layers:
+            h = layer(h, step)
+        return self.head(h)[:, 0]

@@ -8,7 +8,10 @@ tokens share the longest prefix with its prompt, and only the rest of the prompt
 
 The sampler chain is llama-cpp-python's (``Llama._init_sampler``): penalties, then greedy when
 ``temperature <= 0``, else top-k, typical (1.0), top-p, min-p, temperature, a seeded dist --
-so the same seed gives the same tokens as ``llama_cpp.Llama.generate``.
+so the same seed gives the same tokens as ``llama_cpp.Llama.generate``. A request may add a GBNF
+``grammar`` (after the penalties, where ``Llama._init_sampler`` puts it) and ask for ``n_probs``:
+the log-probability of each sampled token and the ``n_probs`` most likely ones, from the log-softmax
+of the raw logits (the model's distribution, as OpenAI's ``logprobs`` report it).
 
 Prompt lookup (a request's ``spec``, :mod:`edgeinfer.engine.prompt_lookup`): a generating slot puts
 its next token *and* up to ``n_draft`` guessed tokens into the batch, all with logits; the slot's
@@ -126,13 +129,22 @@ class SlotEngine:
         slot.lookup = PromptLookup(int(sp["n_draft"]), int(sp.get("ngram_max", 5)), int(sp.get("ngram_min", 3))) \
             if sp and int(sp.get("n_draft", 0)) > 0 else None
         slot.drafts, slot.spec = [], [0, 0, 0]
+        if slot.sampler is None:
+            self._finish(slot, "error", "the grammar does not parse (llama.cpp's GBNF parser refused it)")
 
     def _sampler(self, s: dict, seed: int):
+        """The sampler chain of one request; None if its grammar does not parse."""
         lc = self.lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
         add(lc.llama_sampler_init_penalties(self.n_vocab, s["repeat_last_n"], s["repeat_penalty"],
                                             s["frequency_penalty"], s["presence_penalty"]))
+        if s.get("grammar"):
+            g = lc.llama_sampler_init_grammar(self.vocab, s["grammar"].encode("utf-8"), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                return None
+            add(g)
         if s["temperature"] <= 0:
             add(lc.llama_sampler_init_greedy())
         else:
@@ -144,12 +156,15 @@ class SlotEngine:
             add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _finish(self, slot: Slot, reason: str) -> None:
+    def _finish(self, slot: Slot, reason: str, error: str = "") -> None:
         req = slot.req
         if slot.sampler is not None:
             self.lc.llama_sampler_free(slot.sampler)
         slot.req, slot.sampler, slot.pending, slot.next_tok, slot.out_index = None, None, [], None, -1
         slot.lookup, slot.drafts = None, []
+        if error:
+            self.emit({"ev": "error", "id": req.id, "message": error})
+            return
         self.emit({"ev": "end", "id": req.id, "reason": reason, "n_cached": slot.n_reused, "n_gen": slot.n_gen,
                    "prefill_s": slot.t_first - slot.t_start, "decode_s": slot.t_last - slot.t_first,
                    "spec": slot.spec})
@@ -219,11 +234,15 @@ class SlotEngine:
         sampled token differs from; drop the K/V of the guesses that were not accepted."""
         drafts, s.drafts = s.drafts, []
         out: list[int] = []
+        lps: list = []
+        n_probs = s.req.sampling.get("n_probs")  # 0: the sampled token's log-probability only
         reason = None
         for i in range(len(drafts) + 1):
             tok = self.lc.llama_sampler_sample(s.sampler, self.ctx, s.out_index + i)
             out.append(tok)
             s.n_gen += 1
+            if n_probs is not None:
+                lps.append(self._logprobs(s.out_index + i, tok, int(n_probs)))
             if self.lc.llama_vocab_is_eog(self.vocab, tok):
                 reason = "eog"
             elif s.n_gen >= s.req.n_max:
@@ -242,12 +261,32 @@ class SlotEngine:
             s.spec[2] += 1
         if drafts:
             self.lc.llama_memory_seq_rm(self.mem, s.seq, len(s.cached), -1)
-        for tok in out:
-            self.emit({"ev": "tok", "id": s.req.id, "tok": tok, **({"spec": s.spec} if s.lookup else {})})
+        for j, tok in enumerate(out):
+            msg = {"ev": "tok", "id": s.req.id, "tok": tok}
+            if lps:
+                msg["lp"] = lps[j]
+            if s.lookup is not None:
+                msg["spec"] = s.spec
+            self.emit(msg)
         if reason is not None:
             self._finish(s, reason)
         else:
             s.next_tok = out[-1]  # decoded (its K/V written) in the next step
+
+    def _logprobs(self, row: int, tok: int, n_top: int) -> list:
+        """``[logprob of tok, [[id, logprob], ...n_top best]]`` from the raw logits of batch row ``row``."""
+        import numpy as np
+
+        ptr = self.lc.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)  # [V], a copy
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        top = []
+        if n_top > 0:
+            ids = np.argpartition(-logits, n_top - 1)[:n_top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            top = [[int(i), float(logits[i] - lse)] for i in ids]
+        return [float(logits[tok] - lse), top]
 
     @staticmethod
     def _add(b, n: int, tok: int, pos: int, seq: int, logits: bool) -> int:

@@ -12,8 +12,9 @@ Parent -> runner (``op``):
   (``[[regex, buffer type], ...]``), optional ``cpu_report`` (``extra``: buffer type names;
   tests use it to fake a CPU).
 * ``generate``: ``id``, ``tokens`` (the whole prompt), ``n_max`` (tokens to generate at most),
-  ``sampling`` (:func:`sampling_dict`), optional ``spec`` (prompt-lookup drafting: ``n_draft``,
-  ``ngram_max``, ``ngram_min``; :func:`spec_dict`).
+  ``sampling`` (:func:`sampling_dict`; optional ``grammar``: GBNF text with a ``root`` rule, and
+  ``n_probs``: report log-probabilities, with that many top alternatives), optional ``spec``
+  (prompt-lookup drafting: ``n_draft``, ``ngram_max``, ``ngram_min``; :func:`spec_dict`).
 * ``cancel``: ``id``. Unknown or finished ids are ignored.
 * ``exit``.
 
@@ -21,12 +22,13 @@ Runner -> parent (``ev``):
 
 * ``ready``: ``pid``, ``n_ctx``, ``n_seq``, ``load_s``, ``buffers`` (buffer type -> bytes, from
   llama.cpp's load log), ``placement`` (one line), ``system_info``.
-* ``tok``: ``id``, ``tok`` (one sampled token id); with ``spec``, also ``spec``: ``[drafted,
+* ``tok``: ``id``, ``tok`` (one sampled token id); with ``n_probs`` also ``lp``:
+  ``[logprob, [[token id, logprob], ...]]``; with ``spec``, also ``spec``: ``[drafted,
   accepted, verify steps]`` of the request so far.
 * ``end``: ``id``, ``reason`` (``eog``, ``length``, ``context``, ``cancelled``), ``n_cached``
   (prompt tokens whose K/V were reused), ``n_gen``, ``prefill_s`` and ``decode_s`` (the runner's
   own clock: slot start to first token, first to last token), ``spec`` (as in ``tok``).
-* ``error``: ``id`` (null for load errors), ``message``.
+* ``error``: ``id`` (null for load errors), ``message`` (also a grammar that does not parse).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from edgeinfer.errors import EdgeinferError
 COMMANDS = {
     "run": "generate text from a prompt (streams to stdout)",
     "chat": "chat with a model in the terminal UI",
+    "serve": "serve models over HTTP (OpenAI and Ollama APIs)",
     "convert": "convert a Hugging Face checkpoint to GGUF",
     "inspect": "show what is inside a GGUF file",
     "ls": "list the models edgeinfer can find",
