@@ -159,3 +159,19 @@ def test_bad_durations(text):
     with pytest.raises(ApiError):
         parse_duration(text)
 
+
+
+def test_serve_takes_the_load_options_of_run(default_gguf):
+    """serve's loading flags are run's (one definition): --cpu-moe / --n-cpu-moe reach the engines."""
+    import argparse
+
+    from edgeinfer.backend import ALL_LAYERS
+    from edgeinfer.cli import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    for flags, want in ((["--cpu-moe"], ALL_LAYERS), (["--n-cpu-moe", "3"], 3), ([], 0)):
+        pool = serve.build_pool(p.parse_args(["-m", str(default_gguf), "--ctx", "512", *flags]))
+        assert pool.opts.n_cpu_moe == want and pool.opts.n_ctx == 512
+    with pytest.raises(SystemExit):
+        p.parse_args(["--cpu-moe", "--n-cpu-moe", "2"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from edgeinfer.cli.args import _num
+from edgeinfer.cli.args import _num, add_load_args, load_options
 from edgeinfer.errors import EdgeinferError
 
 log = logging.getLogger(__name__)
@@ -26,16 +26,11 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_num(int, 0, 65535), default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request")
-    p.add_argument("--backend", default="llama.cpp", choices=["llama.cpp", "torch"], help="inference engine")
+    add_load_args(p)  # --backend, --ctx (per sequence), --threads, --device, --gpu-layers, --cpu-moe / --n-cpu-moe
     p.add_argument("--parallel", type=_num(int, 1, 64), default=1,
                    help="sequences per model decoded together in one batched step (default 1)")
     p.add_argument("--queue", type=_num(int, 0), default=16,
                    help="requests per model that may wait for a slot; past that the answer is 503 (default 16)")
-    p.add_argument("--ctx", type=_num(int, 1), default=4096, help="context size per sequence in tokens (default 4096)")
-    p.add_argument("--threads", type=_num(int, 1), default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="device for the torch engine; llama.cpp offloads to a GPU unless 'cpu'")
-    p.add_argument("--gpu-layers", type=int, default=-1, help="llama.cpp: layers to offload (-1 = all)")
     p.add_argument("--seed", type=int, default=0, help="default random seed (a request's 'seed' wins)")
     p.add_argument("--keep-alive", default="5m",
                    help="unload a model after this long idle: '5m', '1h', '30s', 0 = at once, -1 = never (default 5m)")
@@ -73,7 +68,6 @@ def build_pool(args):
     """Resolve every -m (offline, like ``run``) and make the :class:`~edgeinfer.server.pool.ModelPool`."""
     import psutil
 
-    from edgeinfer.backend import LoadOptions
     from edgeinfer.resolve import resolve_model
     from edgeinfer.server.pool import ModelPool, parse_duration
     from edgeinfer.server.request import ApiError
@@ -88,8 +82,7 @@ def build_pool(args):
         keep_alive = parse_duration(args.keep_alive, "--keep-alive")
     except ApiError as e:
         raise EdgeinferError(e.message) from None
-    opts = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, device=args.device,
-                       seed=args.seed)
+    opts = load_options(args)
     budget = _size(args.memory_budget, "--memory-budget", psutil.virtual_memory().total)
     return ModelPool(models, args.backend, opts, parallel=args.parallel, max_queue=args.queue, keep_alive=keep_alive,
                      memory_budget=budget, max_loaded=args.max_loaded)
