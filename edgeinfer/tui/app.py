@@ -16,6 +16,7 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import Footer
 
 from edgeinfer.backend import LoadOptions, SamplingParams
@@ -144,8 +145,9 @@ class ChatApp(App):
         self._show_conversation()
         self.status.set(model=self.conv.model, backend=self.conv.backend, state="loading…")
         self._load_worker(self.conv.model, self.conv.backend)
+        self._memory_timer = None
         if self.memory_poll_s > 0:
-            self.set_interval(self.memory_poll_s, self._poll_memory)
+            self._memory_timer = self.set_interval(self.memory_poll_s, self._poll_memory)
         self.prompt.focus()
         self._render_timer = self.set_interval(RENDER_TICK_S, self._render_tick, pause=True)
         self._next_render = 0.0
@@ -235,9 +237,14 @@ class ChatApp(App):
 
     def _poll_memory(self) -> None:
         b = self.host.backend
-        if b is not None:
-            mem = b.memory_bytes()
-            self.status.set(rss=mem.get("rss", 0), vram=mem.get("device", 0))
+        if b is None:
+            return
+        mem = b.memory_bytes()  # a round trip to the runner: the app may be closing meanwhile
+        try:
+            status = self.status
+        except NoMatches:  # the screen is already torn down (the app is exiting)
+            return
+        status.set(rss=mem.get("rss", 0), vram=mem.get("device", 0))
 
     # -- worker messages -------------------------------------------------------------------------
     def on_model_loading(self, msg: S.ModelLoading) -> None:
@@ -528,6 +535,8 @@ class ChatApp(App):
             self._count_context()
 
     def on_unmount(self) -> None:
+        if getattr(self, "_memory_timer", None) is not None:
+            self._memory_timer.stop()
         if self.job is not None:
             self.action_stop()
         self.workers.cancel_all()
