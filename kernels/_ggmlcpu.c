@@ -250,23 +250,31 @@ static void rows_scalar(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64
     }
 }
 
-static void dequant_scalar(const eg_mat *w, int r0, int r1, float *out) {
+static inline uint16_t to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
+static void dequant_scalar(const eg_mat *w, int r0, int r1, void *out, int bf16) {
     uint8_t c[32];
     for (int r = r0; r < r1; ++r) {
         const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
-        float *o = out + (int64_t)(r - r0) * w->k;
+        int64_t o = (int64_t)(r - r0) * w->k;
         for (int g = 0; g < w->k / 32; ++g) {
             float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
             group_scalar(w->type, row, g, c, &a0, &a1, &b0, &b1);
             for (int i = 0; i < 32; ++i) {
                 float v = w->type == T_Q8_0 ? (float)(int8_t)c[i] : (float)c[i];
-                o[32 * g + i] = i < 16 ? a0 * v + b0 : a1 * v + b1;
+                float y = i < 16 ? a0 * v + b0 : a1 * v + b1;
+                if (bf16) ((uint16_t *)out)[o + 32 * g + i] = to_bf16(y);
+                else ((float *)out)[o + 32 * g + i] = y;
             }
         }
     }
 }
 
-typedef void (*dequant_fn)(const eg_mat *w, int r0, int r1, float *out);
+typedef void (*dequant_fn)(const eg_mat *w, int r0, int r1, void *out, int bf16);
 
 #if EG_X86
 /* u8 x s8 -> 8 x int32 sums of 4 products (the int16 pairs of maddubs cannot saturate: codes <= 63,
@@ -495,20 +503,21 @@ EG_API int eg_linear(const eg_mat *mats, int nmat, const float *x, int M, int64_
 
 typedef struct {
     const eg_mat *w;
-    int r0, r1;
-    float *out;
+    int r0, r1, bf16;
+    void *out;
 } deq_job;
 
 static void deq_task(void *vctx, int ith, int nth) {
     deq_job *j = (deq_job *)vctx;
     int n = j->r1 - j->r0, a = j->r0 + n * ith / nth, b = j->r0 + n * (ith + 1) / nth;
-    if (b > a) DEQUANT(j->w, a, b, j->out + (int64_t)(a - j->r0) * j->w->k);
+    if (b > a) DEQUANT(j->w, a, b, (char *)j->out + (int64_t)(a - j->r0) * j->w->k * (j->bf16 ? 2 : 4), j->bf16);
 }
 
-/* Rows r0..r1-1 of w dequantized to out [r1 - r0][k] float32 (the bounded chunks of the prefill path). */
-EG_API int eg_dequant(const eg_mat *w, int r0, int r1, float *out, int nth) {
+/* Rows r0..r1-1 of w dequantized to out [r1 - r0][k], float32 or (bf16 != 0) bfloat16: the
+ * bounded chunks of the prefill path. */
+EG_API int eg_dequant(const eg_mat *w, int r0, int r1, void *out, int bf16, int nth) {
     if (!eg_supports(w->type) || w->k % block_elems(w->type) || r0 < 0 || r1 > w->n || r0 > r1) return -1;
-    deq_job j = {w, r0, r1, out};
+    deq_job j = {w, r0, r1, bf16, out};
     pthread_mutex_lock(&call_mu);
     run(deq_task, &j, (int64_t)(r1 - r0) * w->k < 65536 ? 1 : nth);
     pthread_mutex_unlock(&call_mu);

@@ -145,12 +145,22 @@ AI void F(rows_t)(const int type, const eg_mat *w, const eg_q8 *xq, int M, float
     }
 }
 
-/* Rows r0..r1-1 dequantized to out [r1 - r0][k] (w = a * c + b, the reference's values up to FMA rounding). */
-AI void F(dequant_t)(const int type, const eg_mat *w, int r0, int r1, float *out) {
+/* 8 floats -> 8 bfloat16 (round to nearest even) at o */
+AI void F(store_bf16)(uint16_t *o, __m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    b = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);
+    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(b));
+}
+
+/* Rows r0..r1-1 dequantized to out [r1 - r0][k], float32 or (bf16) bfloat16 (w = a * c + b, the
+ * reference's values up to FMA rounding). */
+AI void F(dequant_t)(const int type, const int bf16, const eg_mat *w, int r0, int r1, void *out) {
     const int gpb = type >= T_Q4_K ? 8 : 1, bsz = type_bytes(type), nb = w->k / (32 * gpb);
     for (int r = r0; r < r1; ++r) {
         const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
-        float *o = out + (int64_t)(r - r0) * w->k;
+        int64_t o = (int64_t)(r - r0) * w->k;
         for (int ib = 0; ib < nb; ++ib) {
             const uint8_t *blk = row + (int64_t)ib * bsz;
             float a0[8], a1[8], b0[8], b1[8];
@@ -162,7 +172,9 @@ AI void F(dequant_t)(const int type, const eg_mat *w, int r0, int r1, float *out
                     __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)&c + 8 * q));
                     __m256i c32 = type == T_Q8_0 ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8);
                     __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c32), _mm256_set1_ps(ah[q >> 1]), _mm256_set1_ps(bh[q >> 1]));
-                    _mm256_storeu_ps(o + (ib * gpb + j) * 32 + 8 * q, v);
+                    int64_t at = o + (ib * gpb + j) * 32 + 8 * q;
+                    if (bf16) F(store_bf16)((uint16_t *)out + at, v);
+                    else _mm256_storeu_ps((float *)out + at, v);
                 }
             }
         }
@@ -173,7 +185,10 @@ AI void F(dequant_t)(const int type, const eg_mat *w, int r0, int r1, float *out
     static void F(rows_##name)(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64_t ldy, int r0, int r1) { \
         F(rows_t)(TY, w, xq, M, y, ldy, r0, r1);                                                         \
     }                                                                                                    \
-    static void F(dequant_##name)(const eg_mat *w, int r0, int r1, float *out) { F(dequant_t)(TY, w, r0, r1, out); }
+    static void F(dequant_##name)(const eg_mat *w, int r0, int r1, void *out, int bf16) {                \
+        if (bf16) F(dequant_t)(TY, 1, w, r0, r1, out);                                                   \
+        else F(dequant_t)(TY, 0, w, r0, r1, out);                                                        \
+    }
 EG_SPECIALISE(T_Q4_0, q4_0)
 EG_SPECIALISE(T_Q4_1, q4_1)
 EG_SPECIALISE(T_Q5_0, q5_0)
@@ -200,7 +215,7 @@ static void F(rows)(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64_t l
     EG_BY_TYPE(rows, w, xq, M, y, ldy, r0, r1)
 }
 
-static void F(dequant)(const eg_mat *w, int r0, int r1, float *out) { EG_BY_TYPE(dequant, w, r0, r1, out) }
+static void F(dequant)(const eg_mat *w, int r0, int r1, void *out, int bf16) { EG_BY_TYPE(dequant, w, r0, r1, out, bf16) }
 #undef EG_BY_TYPE
 #undef AI
 #undef F
