@@ -317,11 +317,17 @@ typedef void (*dequant_fn)(const eg_mat *w, int r0, int r1, void *out, int bf16)
 /* ------------------------------------------------------------------------------- thread pool */
 
 #define EG_MAX_THREADS 256
+/* pause iterations a worker spins for the next job before it sleeps (~50 us: the gaps between the
+ * products of one decode step are shorter, those between torch ops of a forward often longer) */
+#ifndef EG_SPIN
+#define EG_SPIN 2000
+#endif
 
 typedef void (*task_fn)(void *ctx, int ith, int nth);
 
 static struct {
     pthread_t th[EG_MAX_THREADS];
+    int born[EG_MAX_THREADS + 1]; /* per worker: the generation current when it was started */
     int n;                       /* workers started (thread 0 is the caller) */
     atomic_int gen, pending, sleeping;
     task_fn fn;
@@ -343,10 +349,10 @@ static inline void cpu_relax(void) {
 
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg; /* 1 .. */
-    int seen = atomic_load(&P.gen);
+    int seen = P.born[id];       /* the generation before the first job it must run */
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen && spins < 200000) {
+        while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen && spins < EG_SPIN) {
             cpu_relax();
             ++spins;
         }
@@ -364,6 +370,16 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* A forked child has none of the parent's workers: start afresh there. */
+static void pool_after_fork(void) {
+    P.n = 0;
+    atomic_store(&P.sleeping, 0);
+    atomic_store(&P.pending, 0);
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+}
+
 /* fn(ctx, i, nth) for i in 0..nth-1, i = 0 on the calling thread. */
 static void run(task_fn fn, void *ctx, int nth) {
     if (nth > EG_MAX_THREADS) nth = EG_MAX_THREADS;
@@ -372,6 +388,7 @@ static void run(task_fn fn, void *ctx, int nth) {
         return;
     }
     while (P.n < nth - 1) {
+        P.born[P.n + 1] = atomic_load(&P.gen);
         if (pthread_create(&P.th[P.n], NULL, worker, (void *)(intptr_t)(P.n + 1)) != 0) break;
         pthread_detach(P.th[P.n]);
         ++P.n;
@@ -392,7 +409,10 @@ static void run(task_fn fn, void *ctx, int nth) {
         pthread_mutex_unlock(&P.mu);
     }
     fn(ctx, 0, nth);
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) cpu_relax();
+    for (int spins = 0; atomic_load_explicit(&P.pending, memory_order_acquire) > 0; ++spins) {
+        if (spins < EG_SPIN) cpu_relax();
+        else sched_yield(); /* a worker was descheduled (a busy machine): let it run */
+    }
 }
 
 /* --------------------------------------------------------------------------- dispatch / gemm */
@@ -403,6 +423,8 @@ static const char *ISA = "scalar";
 
 /* Pick the kernels for this CPU; want: NULL/"" (best), "scalar", "avx2" or "vnni" (capped at what the CPU has). */
 EG_API const char *eg_init(const char *want) {
+    static int forked_handler = 0;
+    if (!forked_handler) forked_handler = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
     int lvl = 0; /* 0 scalar, 1 avx2, 2 vnni */
 #if EG_X86
     __builtin_cpu_init();
