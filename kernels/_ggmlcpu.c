@@ -58,6 +58,14 @@ typedef struct {
     int8_t q[32];
 } eg_q8;
 
+/* One super-block of 256 quantized activations for the K types (ggml's Q8_K idea): x ~ d * q,
+ * bsums[i] = sum of q[16 i .. 16 i + 15] (for the K types' mins / Q6_K's -32 offset). */
+typedef struct {
+    float d;
+    int16_t bsums[16];
+    int8_t q[256];
+} eg_q8k;
+
 /* One weight matrix [n, k] of GGML blocks (row r at data + r * row_bytes). */
 typedef struct {
     const uint8_t *data;
@@ -65,7 +73,7 @@ typedef struct {
     int32_t type, n, k;
 } eg_mat;
 
-EG_API int eg_version(void) { return 1; }
+EG_API int eg_version(void) { return 2; }
 
 /* ------------------------------------------------------------------------------ scalar helpers */
 
@@ -215,11 +223,63 @@ static void quantize_rows(const float *x, int64_t M, int K, int64_t ldx, eg_q8 *
     }
 }
 
+/* x [M][K] float -> xk [M][K/256]: the same rounding per 256 values (one scale per super-block). */
+static void quantize_rows_k(const float *x, int64_t M, int K, int64_t ldx, eg_q8k *xk) {
+    int nb = K / 256;
+    for (int64_t m = 0; m < M; ++m) {
+        const float *xr = x + m * ldx;
+        for (int b = 0; b < nb; ++b) {
+            const float *v = xr + 256 * b;
+            float amax = 0.f;
+            for (int i = 0; i < 256; ++i) amax = fmaxf(amax, fabsf(v[i]));
+            eg_q8k *o = xk + m * nb + b;
+            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            for (int i = 0; i < 16; ++i) {
+                int s = 0;
+                for (int l = 0; l < 16; ++l) {
+                    int q = (int)nearbyintf(v[16 * i + l] * id);
+                    o->q[16 * i + l] = (int8_t)q;
+                    s += q;
+                }
+                o->bsums[i] = (int16_t)s;
+            }
+            o->d = d;
+        }
+    }
+}
+
+/* K-type super-block: codes c[256] (unsigned), integer scale per 16 values sc[16], integer offset
+ * per 16 mn[16], and the float factors: w = d * sc * c - dm * mn (Q4_K/Q5_K: mn = the sub-block's
+ * min, dm = dmin; Q6_K: mn = 32 * sc, dm = d). */
+static inline void kblock_scalar(int type, const uint8_t *b, uint8_t *c, int *sc, int *mn, float *d, float *dm) {
+    uint8_t g[32];
+    float a0, a1, b0, b1;
+    for (int j = 0; j < 8; ++j) {
+        group_scalar(type, b, j, g, &a0, &a1, &b0, &b1); /* j < 8: within block b */
+        memcpy(c + 32 * j, g, 32);
+    }
+    if (type == T_Q6_K) {
+        const int8_t *s = (const int8_t *)(b + 192);
+        *d = *dm = rd_f16(b + 208);
+        for (int i = 0; i < 16; ++i) { sc[i] = s[i]; mn[i] = 32 * s[i]; }
+    } else {
+        *d = rd_f16(b);
+        *dm = rd_f16(b + 2);
+        for (int j = 0; j < 8; ++j) {
+            int s, m;
+            scale_min_k4(j, b + 4, &s, &m);
+            sc[2 * j] = sc[2 * j + 1] = s;
+            mn[2 * j] = mn[2 * j + 1] = m;
+        }
+    }
+}
+
 /* -------------------------------------------------------------------------------- the kernels */
 
 #define MT 4 /* activation rows per pass over a weight row */
 
 typedef void (*rows_fn)(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64_t ldy, int r0, int r1);
+typedef void (*rows_k_fn)(const eg_mat *w, const eg_q8k *xk, int M, float *y, int64_t ldy, int r0, int r1);
 
 static void rows_scalar(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64_t ldy, int r0, int r1) {
     int ng = w->k / 32;
@@ -243,6 +303,37 @@ static void rows_scalar(const eg_mat *w, const eg_q8 *xq, int M, float *y, int64
                         for (int i = 16; i < 32; ++i) d1 += c[i] * xb->q[i];
                     }
                     acc[t] += xb->d * (a0 * (float)d0 + a1 * (float)d1) + b0 * xb->ds0 + b1 * xb->ds1;
+                }
+            }
+            for (int t = 0; t < mt; ++t) y[(int64_t)(m0 + t) * ldy + r] = acc[t];
+        }
+    }
+}
+
+/* The K types against Q8_K-style activations: per super-block and activation row, two integer
+ * sums (sum sc * c . q, sum mn * bsums) and one float step. */
+static void rows_k_scalar(const eg_mat *w, const eg_q8k *xk, int M, float *y, int64_t ldy, int r0, int r1) {
+    int nb = w->k / 256, bsz = type_bytes(w->type);
+    uint8_t c[256];
+    int sc[16], mn[16];
+    for (int r = r0; r < r1; ++r) {
+        const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            int mt = M - m0 < MT ? M - m0 : MT;
+            float acc[MT] = {0};
+            for (int ib = 0; ib < nb; ++ib) {
+                float d, dm;
+                kblock_scalar(w->type, row + (int64_t)ib * bsz, c, sc, mn, &d, &dm);
+                for (int t = 0; t < mt; ++t) {
+                    const eg_q8k *xb = xk + (int64_t)(m0 + t) * nb + ib;
+                    int32_t is = 0, ms = 0;
+                    for (int i = 0; i < 16; ++i) {
+                        int32_t p = 0;
+                        for (int l = 0; l < 16; ++l) p += c[16 * i + l] * xb->q[16 * i + l];
+                        is += sc[i] * p;
+                        ms += mn[i] * xb->bsums[i];
+                    }
+                    acc[t] += xb->d * (d * (float)is - dm * (float)ms);
                 }
             }
             for (int t = 0; t < mt; ++t) y[(int64_t)(m0 + t) * ldy + r] = acc[t];
@@ -287,8 +378,10 @@ typedef void (*dequant_fn)(const eg_mat *w, int r0, int r1, void *out, int bf16)
 #endif
 #define SFX avx2
 #define DOT(c, x) _mm256_madd_epi16(_mm256_maddubs_epi16((c), (x)), _mm256_set1_epi16(1))
+#define MADD16(acc, p, s) _mm256_add_epi32((acc), _mm256_madd_epi16((p), (s)))
 #include "_ggmlcpu_simd.h"
 #undef DOT
+#undef MADD16
 #undef SFX
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -304,8 +397,10 @@ typedef void (*dequant_fn)(const eg_mat *w, int r0, int r1, void *out, int bf16)
 #endif
 #define SFX vnni
 #define DOT(c, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (c), (x))
+#define MADD16(acc, p, s) _mm256_dpwssd_epi32((acc), (p), (s))
 #include "_ggmlcpu_simd.h"
 #undef DOT
+#undef MADD16
 #undef SFX
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -418,6 +513,7 @@ static void run(task_fn fn, void *ctx, int nth) {
 /* --------------------------------------------------------------------------- dispatch / gemm */
 
 static rows_fn ROWS = rows_scalar;
+static rows_k_fn ROWS_K = rows_k_scalar;
 static dequant_fn DEQUANT = dequant_scalar;
 static const char *ISA = "scalar";
 
@@ -438,11 +534,12 @@ EG_API const char *eg_init(const char *want) {
         if (w < lvl) lvl = w;
     }
     ROWS = rows_scalar;
+    ROWS_K = rows_k_scalar;
     DEQUANT = dequant_scalar;
     ISA = "scalar";
 #if EG_X86
-    if (lvl == 1) { ROWS = rows_avx2; DEQUANT = dequant_avx2; ISA = "avx2"; }
-    if (lvl == 2) { ROWS = rows_vnni; DEQUANT = dequant_vnni; ISA = "avx512-vnni"; }
+    if (lvl == 1) { ROWS = rows_avx2; ROWS_K = rows_k_avx2; DEQUANT = dequant_avx2; ISA = "avx2"; }
+    if (lvl == 2) { ROWS = rows_vnni; ROWS_K = rows_k_vnni; DEQUANT = dequant_vnni; ISA = "avx512-vnni"; }
 #endif
     return ISA;
 }
@@ -459,6 +556,7 @@ typedef struct {
     const eg_mat *mats;
     int nmat;
     const eg_q8 *xq;
+    const eg_q8k *xk;
     int M;
     float *y;
     int64_t ldy;
@@ -477,7 +575,8 @@ static void gemm_task(void *vctx, int ith, int nth) {
         int64_t lo = g0 - base, hi = g1 - base;
         if (lo < w->n && hi > 0) {
             int a = lo < 0 ? 0 : (int)lo, b = hi > w->n ? w->n : (int)hi;
-            ROWS(w, j->xq, j->M, j->y + col, j->ldy, a, b);
+            if (block_elems(w->type) == 256) ROWS_K(w, j->xk, j->M, j->y + col, j->ldy, a, b);
+            else ROWS(w, j->xq, j->M, j->y + col, j->ldy, a, b);
         }
         base += w->n;
         col += w->n;
@@ -485,21 +584,39 @@ static void gemm_task(void *vctx, int ith, int nth) {
 }
 
 static eg_q8 *xq_buf;
-static int64_t xq_cap;
+static eg_q8k *xk_buf;
+static int64_t xq_cap, xk_cap;
 
-static eg_q8 *xq_for(int64_t groups) {
-    if (groups > xq_cap) {
+/* Buffers for M rows of k activations: per 32 (xq_buf) and per 256 (xk_buf). 0, or -1 out of memory. */
+static int xbuf_for(int64_t M, int k) {
+    int64_t g = M * (k / 32), b = M * (k / 256);
+    if (g > xq_cap) {
         free(xq_buf);
-        xq_buf = (eg_q8 *)malloc(sizeof(eg_q8) * groups);
-        xq_cap = xq_buf ? groups : 0;
+        xq_buf = (eg_q8 *)malloc(sizeof(eg_q8) * g);
+        xq_cap = xq_buf ? g : 0;
     }
-    return xq_buf;
+    if (b > xk_cap) {
+        free(xk_buf);
+        xk_buf = (eg_q8k *)malloc(sizeof(eg_q8k) * b);
+        xk_cap = xk_buf ? b : 0;
+    }
+    return (g && !xq_buf) || (b && !xk_buf) ? -1 : 0;
 }
 
-static void gemm_q(const eg_mat *mats, int nmat, const eg_q8 *xq, int M, float *y, int64_t ldy, int nth) {
-    gemm_job j = {mats, nmat, xq, M, y, ldy, 0};
+/* y = x @ W_i^T for mats (same k): x quantized the way each type wants it (per 32 for the 32-value
+ * types, per 256 for the K types; only what is needed), then the rows split over threads.
+ * The caller holds call_mu and has sized the buffers (xbuf_for). */
+static void gemm_x(const eg_mat *mats, int nmat, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int nth) {
+    int k = mats[0].k, want32 = 0, want256 = 0;
+    for (int i = 0; i < nmat; ++i) {
+        if (block_elems(mats[i].type) == 256) want256 = 1;
+        else want32 = 1;
+    }
+    if (want32) quantize_rows(x, M, k, ldx, xq_buf);
+    if (want256) quantize_rows_k(x, M, k, ldx, xk_buf);
+    gemm_job j = {mats, nmat, xq_buf, xk_buf, M, y, ldy, 0};
     for (int i = 0; i < nmat; ++i) j.total += mats[i].n;
-    if (j.total * mats[0].k < 32768) nth = 1; /* too small to split */
+    if (j.total * k < 32768) nth = 1; /* too small to split */
     run(gemm_task, &j, nth);
 }
 
@@ -512,13 +629,11 @@ EG_API int eg_linear(const eg_mat *mats, int nmat, const float *x, int M, int64_
     for (int i = 0; i < nmat; ++i)
         if (!eg_supports(mats[i].type) || mats[i].k != k || k % block_elems(mats[i].type)) return -1;
     pthread_mutex_lock(&call_mu);
-    eg_q8 *xq = xq_for((int64_t)M * (k / 32));
-    if (!xq) {
+    if (xbuf_for(M, k)) {
         pthread_mutex_unlock(&call_mu);
         return -1;
     }
-    quantize_rows(x, M, k, ldx, xq);
-    gemm_q(mats, nmat, xq, M, y, ldy, nth);
+    gemm_x(mats, nmat, x, M, ldx, y, ldy, nth);
     pthread_mutex_unlock(&call_mu);
     return 0;
 }
@@ -548,6 +663,7 @@ EG_API int eg_dequant(const eg_mat *w, int r0, int r1, void *out, int bf16, int 
 
 /* The activation quantization alone (for the reference tests). */
 EG_API void eg_quantize(const float *x, int64_t M, int K, eg_q8 *xq) { quantize_rows(x, M, K, K, xq); }
+EG_API void eg_quantize_k(const float *x, int64_t M, int K, eg_q8k *xk) { quantize_rows_k(x, M, K, K, xk); }
 
 EG_API const char *eg_isa(void) { return ISA; }
 

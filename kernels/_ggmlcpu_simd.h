@@ -145,6 +145,76 @@ AI void F(rows_t)(const int type, const eg_mat *w, const eg_q8 *xq, int M, float
     }
 }
 
+/* The K types against Q8_K-style activations (eg_q8k): per super-block, the 8 code vectors are
+ * decoded once, then for each of mt activation rows one int32 vector
+ *   sum_j madd(maddubs(c_j, q_j), sc_j)  -  madd(bsums, mn)      (Q6_K: mn = 32 * sc, same d)
+ * and one float fma per super-block (two with Q4_K/Q5_K's mins, which have their own dmin).
+ * maddubs cannot saturate: codes <= 63, |q| <= 127, 2 * 63 * 127 < 32768. */
+AI void F(tile_k)(const int type, const int mt, const uint8_t *row, const eg_q8k *xr, int nb, float *y, int64_t ldy) {
+    const int bsz = type_bytes(type);
+    __m256 acc[4];
+    for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ++ib) {
+        const uint8_t *blk = row + (int64_t)ib * bsz;
+        __m256i c[8], s16[8], mn;
+        float d, dm;
+        if (type == T_Q6_K) {
+            d = dm = F(rdh)(blk + 208);
+            const int8_t *s8 = (const int8_t *)(blk + 192);
+            for (int j = 0; j < 8; ++j) /* 16-bit lanes 0..7 <- bytes 0..15 of the group (scale 2j), 8..15 <- 2j+1 */
+                s16[j] = _mm256_set_m128i(_mm_set1_epi16(s8[2 * j + 1]), _mm_set1_epi16(s8[2 * j]));
+            __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+            mn = _mm256_slli_epi16(sc, 5);
+        } else {
+            d = F(rdh)(blk);
+            dm = F(rdh)(blk + 2);
+            int16_t m16[16];
+            for (int j = 0; j < 8; ++j) {
+                int sc, m;
+                scale_min_k4(j, blk + 4, &sc, &m);
+                s16[j] = _mm256_set1_epi16((short)sc);
+                m16[2 * j] = m16[2 * j + 1] = (int16_t)m;
+            }
+            mn = _mm256_loadu_si256((const __m256i *)m16);
+        }
+        for (int j = 0; j < 8; ++j) c[j] = F(codes)(type, blk, j);
+        for (int t = 0; t < mt; ++t) {
+            const eg_q8k *xb = xr + (int64_t)t * nb + ib;
+            __m256i is = _mm256_setzero_si256();
+            for (int j = 0; j < 8; ++j) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * j));
+                is = MADD16(is, _mm256_maddubs_epi16(c[j], x), s16[j]);
+            }
+            __m256i ms = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mn);
+            if (type == T_Q6_K) {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is, ms)), _mm256_set1_ps(d * xb->d), acc[t]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(d * xb->d), acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(-dm * xb->d), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; ++t) y[(int64_t)t * ldy] = F(hsum)(acc[t]);
+}
+
+AI void F(rows_kt)(const int type, const eg_mat *w, const eg_q8k *xk, int M, float *y, int64_t ldy, int r0, int r1) {
+    const int nb = w->k / 256;
+    for (int r = r0; r < r1; ++r) {
+        const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
+        int m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) F(tile_k)(type, 4, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
+        for (; m0 < M; ++m0) F(tile_k)(type, 1, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
+    }
+}
+
+static void F(rows_k)(const eg_mat *w, const eg_q8k *xk, int M, float *y, int64_t ldy, int r0, int r1) {
+    switch (w->type) {
+    case T_Q4_K: F(rows_kt)(T_Q4_K, w, xk, M, y, ldy, r0, r1); break;
+    case T_Q5_K: F(rows_kt)(T_Q5_K, w, xk, M, y, ldy, r0, r1); break;
+    case T_Q6_K: F(rows_kt)(T_Q6_K, w, xk, M, y, ldy, r0, r1); break;
+    }
+}
+
 /* 8 floats -> 8 bfloat16 (round to nearest even) at o */
 AI void F(store_bf16)(uint16_t *o, __m256 v) {
     __m256i b = _mm256_castps_si256(v);

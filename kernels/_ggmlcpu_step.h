@@ -93,9 +93,7 @@ static void attn_task(void *vctx, int ith, int nth) {
 }
 
 static void linear1(const eg_mat *mats, int nmat, const float *x, float *y, int nth) {
-    eg_q8 *xq = xq_for(mats[0].k / 32);
-    quantize_rows(x, 1, mats[0].k, mats[0].k, xq);
-    gemm_q(mats, nmat, xq, 1, y, 0, nth);
+    gemm_x(mats, nmat, x, 1, mats[0].k, y, 0, nth);
 }
 
 /* One token at position pos: h [dim] holds its embedding on entry (the residual stream, updated
@@ -107,7 +105,7 @@ EG_API int eg_step(const eg_model *m, float *h, int pos, float *logits, int nth)
     float *scores = att + nq, *gu = scores + (int64_t)m->n_head * m->n_ctx;
     const float *c = m->rope_cos + (int64_t)pos * h2, *s = m->rope_sin + (int64_t)pos * h2;
     pthread_mutex_lock(&call_mu);
-    if (!xq_for((m->ffn > dim ? m->ffn : dim) / 32 + m->vocab / 32 + 1)) {
+    if (xbuf_for(1, m->ffn > dim ? m->ffn : dim)) {
         pthread_mutex_unlock(&call_mu);
         return -1;
     }

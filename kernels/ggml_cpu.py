@@ -34,7 +34,7 @@ import torch
 T = gguf.GGMLQuantizationType
 log = logging.getLogger(__name__)
 
-_VERSION = 1                      # eg_version() this module expects
+_VERSION = 2                      # eg_version() this module expects
 #: GGML types the kernels read, with the row length they need to be a multiple of.
 SUPPORTED = {T.Q4_0: 32, T.Q4_1: 32, T.Q5_0: 32, T.Q5_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256}
 _SRC = Path(__file__).with_name("_ggmlcpu.c")
@@ -114,6 +114,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.eg_dequant.argtypes = [p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, ctypes.c_int]
     lib.eg_quantize.restype = None
     lib.eg_quantize.argtypes = [p, i64, ctypes.c_int, p]
+    lib.eg_quantize_k.restype = None
+    lib.eg_quantize_k.argtypes = [p, i64, ctypes.c_int, p]
     lib.eg_step_scratch.restype = i64
     lib.eg_step_scratch.argtypes = [p]
     lib.eg_step.restype = ctypes.c_int

@@ -46,10 +46,11 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def _err(got: np.ndarray, w64: np.ndarray, x: np.ndarray) -> float:
+def _err(got: np.ndarray, w64: np.ndarray, x: np.ndarray, qtype) -> float:
     """max |got - reference| / max (|W| @ |x_q|): the kernels' error against the float64 oracle
-    (``w64``: the reference dequantization, :func:`ggml_cpu_ref.weights64`)."""
-    xq = ref.dequantize_q8(*ref.quantize_q8(x))
+    (``w64``: the reference dequantization, :func:`ggml_cpu_ref.weights64`; x quantized per 32 or,
+    for the K types, per 256)."""
+    xq = ref.activations(x, qtype)
     scale = (np.abs(xq) @ np.abs(w64).T).max()
     return float(np.abs(got - xq @ w64.T).max() / max(scale, 1e-30))
 
@@ -65,7 +66,7 @@ def test_kernels_match_reference_random(qtype, isa):
         for m in (1, 2, 3, 4, 5, 8, 17, 64):
             x = np.random.default_rng(seed * 100 + m).standard_normal((m, k)).astype(np.float32)
             got = lin.matmul(torch.from_numpy(x)).numpy()
-            err = _err(got, w64, x)
+            err = _err(got, w64, x, qtype)
             if m in (1, 64):
                 act = _rel(got, x.astype(np.float64) @ w64.T)
                 print(f"{qtype.name} {isa} [{n}x{k}] M={m}: rel err {err:.1e} vs reference "
@@ -87,7 +88,7 @@ def test_kernels_match_reference_real_tensors(default_gguf, isa):
         w64 = ref.weights64(raw, t.tensor_type)
         for m in (1, 7, 64):
             x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
-            err = _err(lin.matmul(torch.from_numpy(x)).numpy(), w64, x)
+            err = _err(lin.matmul(torch.from_numpy(x)).numpy(), w64, x, t.tensor_type)
             print(f"{t.name} {t.tensor_type.name} {isa} M={m}: rel err {err:.1e}")
             assert err < TOL
     assert {T.Q4_1, T.Q8_0} <= seen
@@ -114,7 +115,7 @@ def test_k_quant_mix_real_tensors(q4_k_m_file, isa):
         raw = torch.from_numpy(np.array(t.data)[:97])
         x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
         err = _err(ggml_cpu.GGMLCPU([(raw, t.tensor_type, 97, k)]).matmul(torch.from_numpy(x)).numpy(),
-                   ref.weights64(raw, t.tensor_type), x)
+                   ref.weights64(raw, t.tensor_type), x, t.tensor_type)
         print(f"{t.name} {t.tensor_type.name} {isa}: rel err {err:.1e}")
         assert err < TOL
     assert {T.Q4_K, T.Q6_K} <= seen
@@ -133,6 +134,47 @@ def test_activation_quantization_matches_reference():
     assert np.array_equal(d, d_ref) and np.array_equal(q, q_ref)
     s = q_ref.reshape(3, 3, 2, 16).astype(np.float32).sum(-1)
     assert np.allclose(buf[..., 4:12].copy().view(np.float32), d_ref[..., None] * s, rtol=1e-6)
+
+
+@needs_lib
+def test_k_activation_quantization_matches_reference():
+    # the K types' activations: one float scale per 256 (Q8_K's idea), int16 sums per 16
+    lib = ggml_cpu.LIB
+    x = np.random.default_rng(1).standard_normal((3, 768)).astype(np.float32) * 3
+    x[1, :256] = 0.0  # an all-zero super-block: d = 0, codes 0
+    x[2, 300] = 40.0  # one outlier sets its super-block's scale
+    buf = np.zeros((3, 3, 292), dtype=np.uint8)  # eg_q8k: float d; int16 bsums[16]; int8 q[256]
+    lib.eg_quantize_k(x.ctypes.data, 3, 768, buf.ctypes.data)
+    d_ref, q_ref = ref.quantize_q8(x, 256)
+    d = buf[..., :4].copy().view(np.float32)[..., 0]
+    bsums = buf[..., 4:36].copy().view(np.int16)
+    q = buf[..., 36:].copy().view(np.int8).reshape(3, 768)
+    assert np.array_equal(d, d_ref) and np.array_equal(q, q_ref)
+    assert np.array_equal(bsums, q_ref.reshape(3, 3, 16, 16).astype(np.int32).sum(-1))
+    assert d[1, 0] == 0 and not q[1, :256].any()
+
+
+@needs_lib
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_k_kernels_extreme_blocks(qtype, isa):
+    # all codes and scales at their limits (no int16/int32 overflow in the integer sums) and
+    # activations at +-127 after rounding: the float64 product of the same activations
+    k, n = 1024, 7
+    raw = random_blocks(qtype, n, k, seed=9, scale=0.05)
+    bs = raw.reshape(n, k // 256, -1)
+    if qtype == T.Q6_K:
+        bs[..., :192] = 0xFF  # codes 63
+        bs[..., 192:208] = np.frombuffer(np.array([-128, 127] * 8, np.int8).tobytes(), np.uint8)
+    else:
+        bs[..., 4:16] = 0xFF  # scales and mins 63
+        bs[..., 16:] = 0xFF  # codes 15 / 31
+    raw = torch.from_numpy(bs.reshape(n, -1).copy())
+    x = np.where(np.arange(k) % 3 == 0, 1.0, -1.0).astype(np.float32)[None].repeat(5, 0)
+    x[1] *= -1
+    got = ggml_cpu.GGMLCPU([(raw, qtype, n, k)]).matmul(torch.from_numpy(x)).numpy()
+    err = _err(got, ref.weights64(raw, qtype), x, qtype)
+    print(f"{qtype.name} {isa} extreme blocks: rel err {err:.1e}")
+    assert err < TOL
 
 
 @needs_lib
