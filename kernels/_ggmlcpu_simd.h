@@ -160,22 +160,26 @@ AI void F(tile_k)(const int type, const int mt, const uint8_t *row, const eg_q8k
         float d, dm;
         if (type == T_Q6_K) {
             d = dm = F(rdh)(blk + 208);
-            const int8_t *s8 = (const int8_t *)(blk + 192);
-            for (int j = 0; j < 8; ++j) /* 16-bit lanes 0..7 <- bytes 0..15 of the group (scale 2j), 8..15 <- 2j+1 */
-                s16[j] = _mm256_set_m128i(_mm_set1_epi16(s8[2 * j + 1]), _mm_set1_epi16(s8[2 * j]));
-            __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
-            mn = _mm256_slli_epi16(sc, 5);
+            __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+            for (int j = 0; j < 8; ++j) /* 16-bit lanes 0..7 <- scale 2j (bytes 0..15 of group j), 8..15 <- 2j+1 */
+                s16[j] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, _mm_set_epi64x(0x0101010101010101LL * (2 * j + 1),
+                                                                                  0x0101010101010101LL * (2 * j))));
+            mn = _mm256_slli_epi16(_mm256_cvtepi8_epi16(s8), 5);
         } else {
             d = F(rdh)(blk);
             dm = F(rdh)(blk + 2);
-            int16_t m16[16];
-            for (int j = 0; j < 8; ++j) {
-                int sc, m;
-                scale_min_k4(j, blk + 4, &sc, &m);
-                s16[j] = _mm256_set1_epi16((short)sc);
-                m16[2 * j] = m16[2 * j + 1] = (int16_t)m;
-            }
-            mn = _mm256_loadu_si256((const __m256i *)m16);
+            /* the 12 scale bytes as words a, b, c: scales 0..3 = a & 63, 4..7 = (c & 15) | (a >> 6) << 4;
+             * mins 0..3 = b & 63, 4..7 = (c >> 4) | (b >> 6) << 4 (bytewise) */
+            uint32_t wa, wb, wc;
+            memcpy(&wa, blk + 4, 4);
+            memcpy(&wb, blk + 8, 4);
+            memcpy(&wc, blk + 12, 4);
+            const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+            __m128i sm = _mm_setr_epi32((int)(wa & m6), (int)((wc & m4) | (((wa >> 6) & m2) << 4)), (int)(wb & m6),
+                                        (int)(((wc >> 4) & m4) | (((wb >> 6) & m2) << 4)));
+            __m256i scw = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm)); /* int16 scales 0..7, both lanes */
+            for (int j = 0; j < 8; ++j) s16[j] = _mm256_shuffle_epi8(scw, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+            mn = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
         }
         for (int j = 0; j < 8; ++j) c[j] = F(codes)(type, blk, j);
         for (int t = 0; t < mt; ++t) {
