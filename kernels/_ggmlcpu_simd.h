@@ -184,11 +184,15 @@ AI void F(tile_k)(const int type, const int mt, const uint8_t *row, const eg_q8k
         for (int j = 0; j < 8; ++j) c[j] = F(codes)(type, blk, j);
         for (int t = 0; t < mt; ++t) {
             const eg_q8k *xb = xr + (int64_t)t * nb + ib;
-            __m256i is = _mm256_setzero_si256();
+            /* four independent accumulation chains (the madd/dpwssd latency, not throughput, bounds
+             * one chain of 8 at M = 1) */
+            __m256i ia[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                             _mm256_setzero_si256()};
             for (int j = 0; j < 8; ++j) {
                 __m256i x = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * j));
-                is = MADD16(is, _mm256_maddubs_epi16(c[j], x), s16[j]);
+                ia[j & 3] = MADD16(ia[j & 3], _mm256_maddubs_epi16(c[j], x), s16[j]);
             }
+            __m256i is = _mm256_add_epi32(_mm256_add_epi32(ia[0], ia[1]), _mm256_add_epi32(ia[2], ia[3]));
             __m256i ms = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mn);
             if (type == T_Q6_K) {
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is, ms)), _mm256_set1_ps(d * xb->d), acc[t]);
