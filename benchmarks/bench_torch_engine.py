@@ -52,9 +52,11 @@ def gguf_weight_bytes(path) -> int:
     return total
 
 
-def interleaved_runs(model, dev, llm, ids: list[int], steps: list[int], runs: int) -> list[tuple]:
+def interleaved_runs(model, dev, llm, ids: list[int], steps: list[int], runs: int, decode=None) -> list[tuple]:
     """Prefill ``ids`` then decode ``steps`` one token at a time in the torch ``model`` and in the
-    llama-cpp-python ``llm``, alternately, after one warm-up each; prints every run.
+    llama-cpp-python ``llm``, alternately, after one warm-up each; prints every run. ``decode``:
+    the torch engine's per-token step ``decode(tok, pos) -> logits`` (the backend's: the fused CPU
+    step where it applies); None runs the model's forward.
 
     Returns:
         per run ``(torch prefill, torch decode, llama.cpp prefill, llama.cpp decode)`` tok/s.
@@ -72,7 +74,10 @@ def interleaved_runs(model, dev, llm, ids: list[int], steps: list[int], runs: in
         tp = time.perf_counter() - t
         t = time.perf_counter()
         for i, tok in enumerate(steps):
-            model(torch.tensor([[tok]], device=dev), len(ids) + i, last_only=True)
+            if decode is not None:
+                decode(tok, len(ids) + i)
+            else:
+                model(torch.tensor([[tok]], device=dev), len(ids) + i, last_only=True)
         sync()
         return len(ids) / tp, len(steps) / (time.perf_counter() - t)
 
@@ -185,7 +190,7 @@ def main() -> int:
     steps = (ids * (args.gen // len(ids) + 1))[: args.gen]
     model, dev = tb.model, tb.device
 
-    rows = interleaved_runs(model, dev, llm, ids, steps, args.runs)
+    rows = interleaved_runs(model, dev, llm, ids, steps, args.runs, decode=tb.decode)
     med = [statistics.median(c) for c in zip(*rows)]
     pr = statistics.median(r[0] / r[2] for r in rows)
     dr = statistics.median(r[1] / r[3] for r in rows)
@@ -199,7 +204,8 @@ def main() -> int:
     print(f"decode bandwidth: torch {tbytes / 2**20:.1f} MiB/token x {med[1]:.1f} = {tbytes * med[1] / 1e9:.2f} GB/s "
           f"({tbytes * med[1] / 1e9 / bw:.0%} of copy bw); llama.cpp {lbytes / 2**20:.1f} MiB/token x {med[3]:.1f} "
           f"= {lbytes * med[3] / 1e9:.2f} GB/s ({lbytes * med[3] / 1e9 / bw:.0%})")
-    print(f"torch kernels: {dict(tb.report.paths)}; load {tb.load_s:.2f} s; memory {tb.memory_bytes()}")
+    print(f"torch kernels: {dict(tb.report.paths)} ({tb.info().extra['decode_step']} decode step); "
+          f"load {tb.load_s:.2f} s; memory {tb.memory_bytes()}")
     if args.kernels:
         bench_kernels(threads)
     llm.close()

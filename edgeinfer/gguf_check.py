@@ -151,6 +151,31 @@ def _value_type(cur: _Cursor, what: str) -> gguf.GGUFValueType:
         raise InvalidModelError(f"{cur.path}: corrupt GGUF: {what} has unknown value type {raw}") from None
 
 
+def _skip_strings(cur: _Cursor, length: int, key: str) -> None:
+    """Check ``length`` strings (bounds, UTF-8) of array ``key`` and move past them: the same checks
+    as :meth:`_Cursor.string` in one tight loop (a 150k-token vocabulary in ~0.1 s, not ~1 s)."""
+    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, struct.unpack_from
+    mv = memoryview(buf)
+    try:
+        for i in range(length):
+            if pos + 8 > size:
+                cur.pos = pos
+                cur._need(8, f"item {i} of {key!r} length")
+            (n,) = unpack("<Q", buf, pos)
+            pos += 8
+            if pos + n > size:
+                cur.pos = pos
+                cur._need(n, f"item {i} of {key!r}")
+            try:
+                str(mv[pos:pos + n], "utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidModelError(f"{cur.path}: corrupt GGUF: item {i} of {key!r} is not valid UTF-8 ({e})") from None
+            pos += n
+    finally:
+        mv.release()
+    cur.pos = pos
+
+
 def _read_value(cur: _Cursor, vtype: gguf.GGUFValueType, key: str, depth: int = 0):
     if vtype in _SCALAR_FORMATS:
         return cur.scalar(_SCALAR_FORMATS[vtype], f"value of {key!r}")
@@ -170,6 +195,9 @@ def _read_value(cur: _Cursor, vtype: gguf.GGUFValueType, key: str, depth: int = 
                 cur.pos += length * size
                 return vals
             cur.pos += length * size
+            return ArraySummary(item_type, length)
+        if item_type == gguf.GGUFValueType.STRING and length > _KEEP_ARRAY_ITEMS:
+            _skip_strings(cur, length, key)  # a vocabulary: checked, not kept
             return ArraySummary(item_type, length)
         items = [_read_value(cur, item_type, key, depth + 1) for _ in range(length)]
         return items if length <= _KEEP_ARRAY_ITEMS else ArraySummary(item_type, length)

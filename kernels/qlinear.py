@@ -8,7 +8,8 @@ device  fast path                                                  fallback
 ======  =========================================================  ===============================
 cuda    Triton fused dequant+GEMV (decode) / tiled matmul (prefill)  bounded dequant + fp16 matmul
 mps     bounded dequant (torch ops) + fp16 matmul                    (same)
-cpu     torch packed int4 / int8 kernels (:mod:`cpu_packed`)         bounded dequant + fp32 matmul
+cpu     GGML blocks as stored, int8 dot products (:mod:`ggml_cpu`)   torch int4 planes (:mod:`cpu_packed`),
+                                                                     then bounded dequant + fp32 matmul
 ======  =========================================================  ===============================
 
 With ``numerics="llama.cpp"`` every layer instead reproduces llama.cpp's CPU roundings (8-bit
@@ -26,7 +27,7 @@ import gguf
 import torch
 from torch import nn
 
-from edgeinfer.kernels import cpu_packed
+from edgeinfer.kernels import cpu_packed, ggml_cpu
 from edgeinfer.kernels.ggml_numerics import GGMLMatmul
 from edgeinfer.kernels.dequant import dequantize
 
@@ -66,6 +67,7 @@ class QuantLinear(nn.Module):
         self.device = torch.device(device)
         self.bias = None if bias is None else bias.to(self.device, torch.float32)
         self.packed = None
+        self.native = None
         self.weight = None
         self.raw = None
         self.ggml = None
@@ -81,6 +83,9 @@ class QuantLinear(nn.Module):
             dt = torch.float32 if dev == "cpu" else torch.float16
             self.weight = w.reshape(n, k).to(self.device, dt)
             self.path = "dense"
+        elif dev == "cpu" and ggml_cpu.can_run(self.qtype, n, k):
+            self.native = ggml_cpu.GGMLCPU([(raw, self.qtype, n, k)])  # the mapped blocks, no copy
+            self.path = "ggml-cpu"
         elif dev == "cpu" and cpu_packed.can_pack(self.qtype, n, k):
             self.packed = cpu_packed.PackedCPU(raw, self.qtype, n, k)
             self.path = "cpu-packed"
@@ -98,6 +103,8 @@ class QuantLinear(nn.Module):
         """Bytes this layer's weights occupy on its device."""
         if self.packed is not None:
             return self.packed.nbytes()
+        if self.native is not None:
+            return self.native.nbytes()
         if self.ggml is not None:
             return self.ggml.nbytes()
         t = self.weight if self.weight is not None else self.raw
@@ -107,7 +114,9 @@ class QuantLinear(nn.Module):
         """x: [..., K] -> [..., N] float32."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.path == "cpu-packed":
+        if self.path == "ggml-cpu":
+            y = self.native.matmul(x2)
+        elif self.path == "cpu-packed":
             y = self.packed.matmul(x2)
         elif self.path == "ggml":
             y = self.ggml(x2)
@@ -138,14 +147,20 @@ class FusedLinear(nn.Module):
         self.names = [p.name for p in parts]  # GGUF names of the parts, in output order
         self.in_features, self.out_features = parts[0].in_features, sum(self.sizes)
         self.qtype = parts[0].qtype
-        self.packed = cpu_packed.PackedCPU.concat([p.packed for p in parts])
+        self.qtypes = [p.qtype for p in parts]
+        self.path = parts[0].path
+        if self.path == "ggml-cpu":  # one call over the parts' blocks (types may differ: Q4_K q/k, Q6_K v)
+            self.packed = ggml_cpu.GGMLCPU.concat([p.native for p in parts])
+        else:
+            self.packed = cpu_packed.PackedCPU.concat([p.packed for p in parts])
+        self.biases = [p.bias for p in parts]
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
         for p in parts:
-            p.packed, p.path = None, "fused"
+            p.packed, p.native, p.path = None, None, "fused"
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.sizes}, {self.qtype.name}, path=cpu-packed (fused)"
+        return f"{self.in_features}->{self.sizes}, {self.qtype.name}, path={self.path} (fused)"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [..., K] -> one [..., N_i] float32 tensor per part."""
@@ -157,10 +172,18 @@ class FusedLinear(nn.Module):
 
 
 def fuse(parts: list) -> FusedLinear | None:
-    """A :class:`FusedLinear` of ``parts`` if they share input size, type and the CPU packed path, else None."""
-    if not all(isinstance(p, QuantLinear) and p.path == "cpu-packed" for p in parts):
+    """A :class:`FusedLinear` of ``parts`` if they share input size and a CPU path that fuses, else None.
+
+    ``ggml-cpu``: any types (one kernel call reads each part's blocks); ``cpu-packed``: one type and
+    row counts that are multiples of 64 (the packed layout's tiles), but the last.
+    """
+    if not all(isinstance(p, QuantLinear) for p in parts) or len({p.in_features for p in parts}) != 1:
         return None
-    if len({(p.qtype, p.in_features) for p in parts}) != 1 or any(p.out_features % 64 for p in parts[:-1]):
+    if all(p.path == "ggml-cpu" for p in parts):
+        return FusedLinear(parts)
+    if not all(p.path == "cpu-packed" for p in parts):
+        return None
+    if len({p.qtype for p in parts}) != 1 or any(p.out_features % 64 for p in parts[:-1]):
         return None
     return FusedLinear(parts)
 

@@ -31,8 +31,10 @@ class KVCache:
         self.window = window
         self.ring = 0 < window < n_ctx
         self.size = window if self.ring else n_ctx
-        self.k = torch.zeros(1, n_kv_head, self.size, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(1, n_kv_head, self.size, v_dim or head_dim, device=device, dtype=dtype)
+        # uninitialised: a slot is written before any query can see it (every read is of positions
+        # already stored), and untouched pages cost neither load time nor resident memory
+        self.k = torch.empty(1, n_kv_head, self.size, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty(1, n_kv_head, self.size, v_dim or head_dim, device=device, dtype=dtype)
         self._last: tuple | None = None  # (pos0, s, keys, values, mask) of the latest update
         self._mark: int | None = None  # ring buffers: writes of positions >= this are logged
         self._log: list[tuple] = []  # (position, slot, old keys, old values), oldest first

@@ -148,7 +148,15 @@ def test_dequant_linear_chunked(qtype, monkeypatch):
     assert err < 1e-5
 
 
-def test_quant_linear_paths_and_bias():
+@pytest.fixture
+def without_native(monkeypatch):
+    """The paths taken when the compiled kernels (kernels/ggml_cpu.py) are absent."""
+    from edgeinfer.kernels import ggml_cpu
+
+    monkeypatch.setattr(ggml_cpu, "LIB", None)
+
+
+def test_quant_linear_paths_and_bias(without_native):
     from edgeinfer.kernels.qlinear import QuantEmbedding, QuantLinear
 
     k = 256
@@ -168,7 +176,7 @@ def test_quant_linear_paths_and_bias():
     assert torch.equal(emb(ids)[0], torch.from_numpy(gguf.quants.dequantize(raw, T.Q8_0))[[3, 49, 0]])
 
 
-def test_packed_row_chunks_and_fusion_are_exact(monkeypatch):
+def test_packed_row_chunks_and_fusion_are_exact(monkeypatch, without_native):
     # Packing a large matrix in row chunks, or several matrices fused into one, must give the
     # very same products as packing each matrix whole (same kernel, same bits): exact equality.
     from edgeinfer.kernels.qlinear import QuantLinear, fuse

@@ -28,6 +28,7 @@ import torch
 
 import _llama_quant as lq
 from edgeinfer.backend import Backend, DoneEvent, LoadOptions, SamplingParams
+from edgeinfer.kernels import ggml_cpu
 
 N_POS = 300
 # One torch thread: on a shared 2-core machine two OpenMP threads that spin-wait on each other
@@ -104,7 +105,9 @@ def test_backend_protocol_and_info(torch_default, llama_default):
     info = torch_default.info()
     print(info)
     assert info.backend == "torch" and info.device.startswith("cpu") and info.architecture == "llama"
-    assert info.extra["kernels"] == {"Q4_1:cpu-packed": 210, "Q8_0:cpu-packed": 1}
+    path = "ggml-cpu" if ggml_cpu.available() else "cpu-packed"  # the compiled kernels, or torch's int4 planes
+    assert info.extra["kernels"] == {f"Q4_1:{path}": 210, f"Q8_0:{path}": 1}
+    assert info.extra["decode_step"] == (f"fused ({ggml_cpu.ISA})" if ggml_cpu.available() else "model forward")
     mem = torch_default.memory_bytes()
     assert mem["rss"] > 0 and mem["peak"] >= mem["rss"] // 2
     # weights stay quantized: what the layers hold is about the file size, not 4x it
@@ -183,7 +186,8 @@ def test_llamacpp_made_k_quant_mix_loads_and_matches(default_gguf, tmp_path, tex
         s = compare(llama_logits(out, toks), tb.logits(toks).double().numpy())
         print(f"llama.cpp Q4_K_M mix {kernels}: rel err {s['rel']:.3e}, KL/pos {s['kl_mean']:.2e}, top-1 {s['top1']:.2%}")
         # (Q6_K: four int4 planes for decode; this 160-token pass takes its dequantize path)
-        assert {"Q4_K:cpu-packed", "Q6_K:cpu-packed", "Q5_0:cpu-packed"} <= set(kernels)
+        path = "ggml-cpu" if ggml_cpu.available() else "cpu-packed"
+        assert {f"Q4_K:{path}", f"Q6_K:{path}", f"Q5_0:{path}"} <= set(kernels)
         # the exact fp32 dequantize path measures rel 3.1e-2 / KL 6.3e-3 / top-1 96 % against
         # llama.cpp on this file too (its 8-bit activations); bounds ~2x those
         assert s["rel"] < 0.06 and s["kl_mean"] < 1.5e-2 and s["top1"] >= 0.93
@@ -219,21 +223,42 @@ def greedy_agrees_or_near_tie(gguf_path, torch_backend, llama_backend, noise: fl
         assert abs(margin) < noise
 
 
-def test_kv_cache_step_decode_equals_full_forward(torch_default, text_tokens):
-    # Packed path: the M=1 and M=16 bf16 kernels round differently, so the bound is the bf16
-    # noise (measured ~1e-2 of the largest logit); a wrong cache position or mask gives O(1)
-    # errors. The exact fp32 check (1e-5) past a sliding window is in tests/test_models.py.
-    m = torch_default.model
-    toks = text_tokens[:40]
-    full = torch_default.logits(toks)
+def _step_vs_full(m, toks):
+    full = m(torch.tensor([toks]), 0)[0]
     steps = [m(torch.tensor([toks[:16]]), 0)[0]]
     for i in range(16, len(toks)):
         steps.append(m(torch.tensor([[toks[i]]]), i)[0])
     step = torch.cat(steps)
-    err = float((step - full).abs().max() / full.abs().max())
-    agree = float((step.argmax(-1) == full.argmax(-1)).float().mean())
-    print(f"prefill 16 + 24 single steps vs one pass: max rel diff {err:.2e} (tol 3e-2), top-1 agreement {agree:.0%}")
-    assert err < 3e-2 and agree == 1.0
+    rel = (step - full).abs().amax(-1) / full.abs().amax()  # per position, of the largest logit
+    return float(rel.max()), float(rel.median()), float((step.argmax(-1) == full.argmax(-1)).float().mean())
+
+
+def test_kv_cache_step_decode_equals_full_forward(torch_default, text_tokens, default_gguf, monkeypatch):
+    # The cache logic, measured where it is exact: float activations (weights dequantized, fp32
+    # matmuls) make single steps and the batched pass differ only by fp32 summation order, so a
+    # wrong cache position, slot or mask (O(1) errors) cannot hide under a loose bound.
+    from edgeinfer.engine.loader import load_model
+    from edgeinfer.kernels import qlinear
+
+    toks = text_tokens[:40]
+    monkeypatch.setattr(qlinear, "FORCE_PATH", "dequant")
+    ref, _ = load_model(default_gguf, torch.device("cpu"), 64)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        err, med, agree = _step_vs_full(ref, toks)
+    print(f"float activations: 16 + 24 single steps vs one pass: max rel diff {err:.2e} (tol 1e-4), "
+          f"median {med:.1e}, top-1 {agree:.0%}")
+    assert err < 1e-4 and agree == 1.0
+    # The engine's own path (8-bit activations on the ggml-cpu kernels): a 1e-7 change of an
+    # attention sum flips some activation's rounding and the flips cascade, so the max difference
+    # is chaotic -- 2.8e-2 on AVX2/VNNI, 3.0e-2 with EDGEINFER_ISA=scalar (same arithmetic up to
+    # float summation order) -- and one near-tie may swap its top-1. Bounded by its typical size
+    # (median over positions: 1.35e-2 AVX2/VNNI, 1.39e-2 scalar; bound 3e-2), the top-1 agreement
+    # (100 % / 98 %; bound 95 %) and a 3x margin on the max (0.1).
+    with torch.inference_mode():
+        err, med, agree = _step_vs_full(torch_default.model, toks)
+    print(f"engine path: max rel diff {err:.2e}, median {med:.2e} (tol 3e-2), top-1 {agree:.0%} (>= 95 %), max tol 0.1")
+    assert med < 3e-2 and agree >= 0.95 and err < 0.1
     torch_default._cached = []
 
 

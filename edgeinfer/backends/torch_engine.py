@@ -25,6 +25,7 @@ from edgeinfer.backends.common import (LlamaCppVocab, PromptBuilder, context_siz
                                        process_memory)
 from edgeinfer.engine.loader import load_model, pick_device
 from edgeinfer.errors import BackendError
+from edgeinfer.kernels import cpu_step, ggml_cpu
 from edgeinfer.kernels.ggml_numerics import resolve_numerics
 from edgeinfer.gguf_check import validate_gguf
 from edgeinfer.sampling import Sampler
@@ -70,12 +71,20 @@ class TorchBackend(LlamaCppVocab):
         t0 = time.perf_counter()
         self.model, self.report = load_model(self.path, self.device, n_ctx, self.header, self.numerics,
                                              offload_layers=opts.n_cpu_moe)
+        # CPU decode: the whole step in one call of the compiled kernels where the model allows
+        # (kernels/cpu_step.py); otherwise (and for prompts) the model's own forward
+        self._step = None
+        if self.device.type == "cpu":
+            ggml_cpu.notice()  # once per process when the compiled kernels are missing
+            if self.numerics == "fast":
+                self._step = cpu_step.build(self.model)
         self._vocab_llm = load_vocab_model(self.header)
         self.load_s = time.perf_counter() - t0
         self._init_vocab(self._vocab_llm)
         self.seed = opts.seed
         self._cancel = threading.Event()
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._prompt_logits: tuple[list[int], torch.Tensor] | None = None  # the latest prompt and its logits
         self._reuse_prefix = not any(layer.attn.cache.ring for layer in self.model.layers)
         self.prompts = PromptBuilder(self.header.metadata, self._token_text, self.path.name, self.adds_bos())
         self.speculator = self._draft_vocab = None
@@ -87,11 +96,13 @@ class TorchBackend(LlamaCppVocab):
         """Speculative decoding (:mod:`edgeinfer.engine.speculative`): load the draft model, if any."""
         from edgeinfer.engine.speculative import Speculator
 
-        draft = None
+        draft = draft_step = None
         if spec.draft:
             draft, self._draft_vocab = Speculator.load_draft(spec.draft, self.header, self._vocab, self.device,
                                                              n_ctx, self.numerics)
-        self.speculator = Speculator(self.model, spec, self.device, draft)
+            if self._step is not None:  # the target's steps are fused: so are the draft's, where it allows
+                draft_step = cpu_step.build(draft)
+        self.speculator = Speculator(self.model, spec, self.device, draft, draft_step)
 
     # -- info ----------------------------------------------------------------------------------
     def device_label(self) -> str:
@@ -104,6 +115,7 @@ class TorchBackend(LlamaCppVocab):
 
     def info(self) -> ModelInfo:
         extra = {"threads": self.n_threads, "kernels": dict(self.report.paths), "numerics": self.numerics,
+                 "decode_step": f"fused ({ggml_cpu.ISA})" if self._step is not None else "model forward",
                  "weight_bytes": self.report.weight_bytes, "offloaded_expert_bytes": self.report.offloaded_bytes}
         if self.speculator is not None:
             extra["speculative"] = f"{self.speculator.kind}, {self.speculator.n_draft} drafts"
@@ -134,12 +146,22 @@ class TorchBackend(LlamaCppVocab):
         if self._reuse_prefix:
             while start < min(len(self._cached), len(tokens) - 1) and self._cached[start] == tokens[start]:
                 start += 1
-        self._cached = tokens[:start]
         if self.speculator is not None:
+            self._cached = tokens[:start]
+            self._prompt_logits = None  # the speculator's verification writes past the prompt
             yield from self.speculator.tokens(tokens, self._cached, sampler)
             return
         history: list[int] = []  # like llama-cpp-python: the penalty window sees generated tokens only
-        logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
+        last = self._prompt_logits
+        if self._reuse_prefix and last is not None and last[0] == tokens and self._cached[:len(tokens)] == tokens:
+            # the same prompt again, its K/V still cached: its logits as computed then (recomputing
+            # the last token alone rounds differently -- 8-bit activations -- and seeded sampling
+            # would not repeat)
+            logits = last[1]
+        else:
+            self._cached = tokens[:start]
+            logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
+            self._prompt_logits = (list(tokens), logits)
         self._cached = list(tokens)
         pos = len(tokens)
         while True:
@@ -148,9 +170,15 @@ class TorchBackend(LlamaCppVocab):
             history.append(tok)
             if pos >= self.n_ctx:
                 return
-            logits = self.model(torch.tensor([[tok]], device=self.device), pos, last_only=True)[0, -1]
+            logits = self.decode(tok, pos)
             self._cached.append(tok)
             pos += 1
+
+    def decode(self, tok: int, pos: int) -> torch.Tensor:
+        """Next-token logits [vocab] after token ``tok`` at position ``pos`` (positions before it cached)."""
+        if self._step is not None:
+            return self._step(tok, pos)
+        return self.model(torch.tensor([[tok]], device=self.device), pos, last_only=True)[0, -1]
 
     def generate(self, prompt: str | Sequence[Message], params: SamplingParams) -> Iterator[Event]:
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ the dequantized size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -196,6 +197,20 @@ def _fuse(model: nn.Module) -> None:
                 setattr(mod, attr, fuse(members))
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """No random initialisation while building on ``meta``: every weight is replaced from the file,
+    and ``nn.Embedding``'s init would import ``torch._dynamo`` (~2 s and ~150 MiB on first use)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
 def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
                header: GGUFFile | None = None, numerics: str = "fast", offload_layers: int = 0,
                expert_cache: int = 0) -> tuple[Transformer, LoadReport]:
@@ -224,7 +239,7 @@ def load_model(path: str | os.PathLike, device: torch.device, n_ctx: int,
                                     f"read (supported: {', '.join(q.name for q in SUPPORTED)}); "
                                     "use --backend llama.cpp or re-quantize")
     args = arch.args_from_gguf(metadata, {n: t.shape for n, t in tensors.items()}, str(path))
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = arch.build(args)
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file never touched
     c = _Ctx(path, h, mm, tensors, device, numerics, LoadReport(), model, offload_layers=offload_layers,

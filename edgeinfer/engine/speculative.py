@@ -126,8 +126,9 @@ class ModelDrafter:
     stops early once the draft's top probability is below ``p_min`` (llama.cpp's ``--draft-p-min``).
     """
 
-    def __init__(self, model, device: torch.device, p_min: float):
+    def __init__(self, model, device: torch.device, p_min: float, step=None):
         self.model, self.device, self.p_min = model, device, p_min
+        self.step = step  # the fused CPU decode step of the draft model (kernels/cpu_step.py), or None
         self.rings = ring_caches(model)
         self.cached: list[int] = []  # tokens whose K/V the draft's cache holds (certain ones first)
         self.mark = 0  # positions >= this in the draft's cache are its own guesses
@@ -136,6 +137,8 @@ class ModelDrafter:
         """Nothing: the draft model's own confidence (``p_min``) sets its draft length."""
 
     def _forward(self, ids: list[int], pos: int) -> torch.Tensor:
+        if len(ids) == 1 and self.step is not None:
+            return self.step(ids[0], pos)
         return self.model(torch.tensor([ids], device=self.device), pos, last_only=True)[0, -1]
 
     def propose(self, context: list[int], k: int, sampler: Sampler, history: Sequence[int]):
@@ -205,9 +208,12 @@ class Speculator:
         device: where the target runs (the draft model is loaded there too).
         draft_model: the loaded draft model when ``opts.draft`` is set (:meth:`load_draft`), else None
             (prompt lookup).
+        draft_step: the draft model's fused CPU decode step (:func:`edgeinfer.kernels.cpu_step.build`),
+            or None: its single-token steps then run its forward.
     """
 
-    def __init__(self, target, opts: SpeculativeOptions, device: torch.device, draft_model=None):
+    def __init__(self, target, opts: SpeculativeOptions, device: torch.device, draft_model=None,
+                 draft_step=None):
         self.target, self.opts, self.device = target, opts, device
         self.rings = ring_caches(target)
         window = min((r.size for r in self.rings), default=0)
@@ -217,7 +223,7 @@ class Speculator:
                      window - 1)
             self.n_draft = max(1, window - 1)
         self.window = window
-        self.drafter = (ModelDrafter(draft_model, device, opts.p_min) if draft_model is not None
+        self.drafter = (ModelDrafter(draft_model, device, opts.p_min, draft_step) if draft_model is not None
                         else LookupDrafter(opts))
         self.kind = "draft model" if draft_model is not None else "prompt lookup"
         self.stats = SpecStats()
