@@ -4,10 +4,11 @@ Oracles:
 
 * greedy: plain greedy decoding of the same backend. On an F16 target (the torch engine keeps F16
   weights as float32: a one-token and a batched pass differ by ~1e-6 relative) the tokens must be
-  identical. On quantized files a batched pass rounds differently from a one-token pass (bf16
-  activations in the torch engine's int4 kernel, 8-bit activation blocks in llama.cpp's), so where
-  the two greedy texts differ, the first difference must be a near-tie: the teacher-forced margin
-  between the two tokens below :data:`NEAR_TIE` (printed).
+  identical. On quantized files a batched pass rounds differently from a one-token pass (8-bit
+  activation blocks in both engines, and the torch engine's one-token steps run the fused CPU step,
+  whose sums are ordered differently again), so where the two greedy texts differ, the first
+  difference must be a near-tie: the teacher-forced margin between the two tokens below
+  :data:`NEAR_TIE` (printed).
 * sampled: the acceptance rule against the target's own distribution -- token frequencies over
   many seeded draws vs ``softmax(logits)``, a chi-square test with a fixed seed (p < 1e-3 fails);
   a rule that accepts every draft fails the same test (the test can fail).
@@ -40,8 +41,11 @@ CODE = '''def parse_config(path):
     return config
 '''
 EDIT = f"Here is a function:\n```python\n{CODE}```\nRewrite it, renaming `config` to `settings`. Output only the code."
-#: logit margin below which a batched and a one-token pass of a quantized model may pick either token
-NEAR_TIE = 0.25
+#: logit margin below which a batched and a one-token pass of a quantized model may pick either token:
+#: the two paths' logits differ by 0.4-1.9 (max abs per position, 30 positions of the default Q4_1
+#: model, torch engine fused step vs batched forward); flips seen: margins up to 0.44. A speculation
+#: bug (wrong position, cache slot or accepted count) is caught exactly by the F16 tests above
+NEAR_TIE = 1.0
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
 
 
