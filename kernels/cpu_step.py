@@ -84,9 +84,12 @@ def _check(cond: bool, what: str) -> None:
 class DecodeStep:
     """``step(token, pos) -> logits [vocab]`` float32 for a model :func:`build` accepted."""
 
-    def __init__(self, model: Transformer):
-        self.model = model
+    def __init__(self, model: Transformer, seq: int = 0):
+        self.model, self.seq = model, seq  # seq: the cache set it reads and writes (Transformer.add_sequences)
         self._build()
+
+    def _cache(self, attn):
+        return attn.caches[self.seq] if self.seq else attn.cache
 
     def _build(self) -> None:
         m, keep = self.model, []
@@ -104,7 +107,8 @@ class DecodeStep:
                    f"layer {i}: KV sharing, keys-as-values, value norm, a window or a numerics policy")
             _check(at.rope is rope, f"layer {i} has its own RoPE")
             _check(mlp.act is F.silu, f"layer {i}: MLP activation is not silu")
-            _check(at.cache.k.dtype == torch.float32 and not at.cache.ring and at.cache.size == m.n_ctx,
+            cache = self._cache(at)
+            _check(cache.k.dtype == torch.float32 and not cache.ring and cache.size == m.n_ctx,
                    f"layer {i}: cache is not a full float32 cache")
             _check((at.n_head, at.n_kv, at.hd) == (a0.n_head, a0.n_kv, a0.hd), f"layer {i} has other head sizes")
             norms = [blk.attn_norm, blk.ffn_norm] + ([at.attn_q_norm, at.attn_k_norm] if c.qk_norm else [])
@@ -132,7 +136,7 @@ class DecodeStep:
             for j in range(3):
                 L.qkv[j] = qkv[j]
             L.o, L.gate, L.up, L.down = o, gate, up, down
-            L.kc, L.vc = at.cache.k.data_ptr(), at.cache.v.data_ptr()
+            L.kc, L.vc = cache.k.data_ptr(), cache.v.data_ptr()
         _check(type(m).forward is Transformer.forward and type(m).head is Transformer.head
                and type(m).layer_inputs is Transformer.layer_inputs, "the model has its own forward / head")
         _check(m.output.bias is None and m.output_norm.eps == eps, "the head has a bias or another norm eps")
@@ -149,7 +153,7 @@ class DecodeStep:
         self.scratch = torch.empty(int(ggml_cpu.LIB.eg_step_scratch(ctypes.byref(s))), dtype=torch.float32)
         s.scratch = self.scratch.data_ptr()
         self.struct, self.layers, self.keep = s, layer_structs, keep
-        self.cache0 = a0.cache.k
+        self.cache0 = self._cache(a0).k
         emb = m.token_embd
         self.embed_mat = None
         if type(emb) is QuantEmbedding and ggml_cpu.can_run(emb.qtype, emb.raw.shape[0], emb.dim) \
@@ -169,7 +173,7 @@ class DecodeStep:
     @torch.inference_mode()
     def __call__(self, tok: int, pos: int) -> torch.Tensor:
         """Logits [vocab] float32 for token ``tok`` at position ``pos`` (its K/V enter the cache)."""
-        if self.model.layers[0].attn.cache.k is not self.cache0:  # caches re-allocated (model.setup)
+        if self._cache(self.model.layers[0].attn).k is not self.cache0:  # caches re-allocated (model.setup)
             self._build()
         if not 0 <= pos < self.model.n_ctx:
             raise IndexError(f"position {pos} exceeds the context of {self.model.n_ctx}")
@@ -181,12 +185,13 @@ class DecodeStep:
         return logits
 
 
-def build(model: Transformer) -> DecodeStep | None:
-    """The fused decode step of ``model``, or None (kernels absent, or a model it does not cover; logged)."""
+def build(model: Transformer, seq: int = 0) -> DecodeStep | None:
+    """The fused decode step of ``model`` over sequence ``seq``'s caches, or None (kernels absent, or
+    a model it does not cover; logged)."""
     if not ggml_cpu.available():
         return None
     try:
-        return DecodeStep(model)
+        return DecodeStep(model, seq)
     except Unsupported as e:
         log.info("fused CPU decode step not used: %s; decoding with the model's forward", e)
         return None

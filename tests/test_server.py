@@ -313,7 +313,8 @@ def test_busy_is_503_and_a_disconnect_frees_the_slot(tight):
             "stream": True}
     with httpx.stream("POST", tight.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = r.iter_lines()  # held: a dropped line iterator, once collected, closes the stream (a disconnect)
+        next(line for line in lines if line.startswith("data: "))
         assert not short()  # one slot, no queue: busy
     for attempt in range(3):  # each dropped stream frees the slot for the next request at once
         waited = _soon(lambda: _stream_a_few(tight.url))

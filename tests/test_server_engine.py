@@ -45,6 +45,34 @@ def test_forward_rows_equals_one_sequence_at_a_time(torch_default):
     assert float((again - ref[0]).abs().max()) <= 1e-4 * scale
 
 
+def test_fused_step_of_another_sequence_reads_and_writes_its_own_caches(torch_default):
+    """The server decodes a lone sequence with the fused CPU step over that sequence's caches: the
+    same logits as sequence 0's step after the same prompt, and sequence 0's cache untouched."""
+    from edgeinfer.kernels import cpu_step
+
+    m = torch_default.model
+    if torch_default._step is None:
+        pytest.skip("the fused CPU step is not built here (no compiled kernels)")
+    m.add_sequences(3)
+    step2 = cpu_step.build(m, seq=2)
+    assert step2 is not None
+    a = torch_default.tokenize("The capital of France is")
+    b = torch_default.tokenize("Hi")  # shorter than a: its steps land on positions sequence 0 holds
+    assert len(b) + 3 <= len(a)
+    m(torch.tensor([a]), 0, seq=0)
+    m(torch.tensor([a]), 0, seq=2)
+    ref = torch_default._step(1234, len(a))  # sequence 0
+    got = step2(1234, len(a))  # sequence 2, the same prompt and token
+    print(f"fused step, sequence 2 vs sequence 0: max |diff| {float((got - ref).abs().max()):.3g}")
+    assert torch.equal(got, ref)
+    k0 = m.layers[3].attn.caches[0].k[:, :, :len(a) + 1].clone()
+    m(torch.tensor([b]), 0, seq=2)  # another prompt and steps in sequence 2 ...
+    for i, t in enumerate((11, 22, 33)):
+        step2(t, len(b) + i)
+    assert torch.equal(m.layers[3].attn.caches[0].k[:, :, :len(a) + 1], k0)  # ... leave sequence 0 alone
+    assert torch.equal(torch_default._step(1234, len(a)), ref)
+
+
 # -- the pool with a fake engine -------------------------------------------------------------------
 class FakeEngine:
     kind = "fake"

@@ -232,6 +232,7 @@ class TorchEngine(Engine):
                 self.parallel = 1
         self.reuse_prefix = self.backend._reuse_prefix
         self.seqs = [_Seq(i) for i in range(self.parallel)]
+        self._steps: dict = {}  # seq -> its fused decode step (built on first use)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name=f"torch-engine-{name}", daemon=True)
@@ -322,13 +323,30 @@ class TorchEngine(Engine):
         live = [s for s in self.seqs if s.tj is not None and s.next_tok is not None]
         if not live:
             return
-        ids = torch.tensor([[s.next_tok] for s in live], device=self.backend.device)  # [B, 1]
-        rows = [(s.seq, len(s.cached)) for s in live]
-        logits = self.model.forward_rows(ids, rows) if len(live) > 1 else \
-            self.model(ids, rows[0][1], last_only=True, seq=live[0].seq)[:, -1]  # [B, V]
+        step = self._fused_step(live[0].seq) if len(live) == 1 else None
+        if step is not None:  # one sequence: the whole token in one call of the CPU kernels, as `run` does
+            logits = step(live[0].next_tok, len(live[0].cached))[None]
+        else:
+            ids = torch.tensor([[s.next_tok] for s in live], device=self.backend.device)  # [B, 1]
+            rows = [(s.seq, len(s.cached)) for s in live]
+            logits = self.model.forward_rows(ids, rows) if len(live) > 1 else \
+                self.model(ids, rows[0][1], last_only=True, seq=live[0].seq)[:, -1]  # [B, V]
         for s, lg in zip(live, logits):
             s.cached.append(s.next_tok)
             self._sampled(s, lg)
+
+    def _fused_step(self, seq: int):
+        """The fused CPU decode step over sequence ``seq``'s caches (kernels/cpu_step.py), or None
+        where the backend decodes through the model's forward."""
+        if self.backend._step is None:
+            return None
+        if seq == 0:
+            return self.backend._step
+        if seq not in self._steps:
+            from edgeinfer.kernels import cpu_step
+
+            self._steps[seq] = cpu_step.build(self.model, seq)
+        return self._steps[seq]
 
     def _loop(self) -> None:
         while not self._stop:
