@@ -4,7 +4,7 @@
 memory-mapped file's blocks (no repacking at load, no widened copy in memory), with the
 activations quantized to int8 per 32 values and integer dot products: AVX-512 VNNI, AVX2 or
 portable C, picked at load time from the CPU's features (``EDGEINFER_ISA=scalar|avx2|vnni``
-narrows it). Rows are split over the threads torch is set to use (``torch.get_num_threads()``).
+narrows it). Rows are split over :func:`threads` (:func:`set_threads`, else ``torch.get_num_threads()``).
 
 The library is optional. It is built with the package (``setup.py``); when it is missing it is
 compiled on first use into the user cache (``cc``, a few seconds, once), and when that fails too
@@ -165,8 +165,17 @@ def mat(raw: torch.Tensor, qtype, n: int, k: int) -> Mat:
     return Mat(raw.data_ptr(), raw.stride(0), int(qtype), n, k)
 
 
+_THREADS: int | None = None  # set_threads(); None = torch's intra-op thread count
+
+
+def set_threads(n: int | None) -> None:
+    """Threads the kernels split rows over (None: follow ``torch.get_num_threads()``)."""
+    global _THREADS
+    _THREADS = None if n is None else max(1, int(n))
+
+
 def threads() -> int:
-    return torch.get_num_threads()
+    return _THREADS or torch.get_num_threads()
 
 
 def linear(mats, x: torch.Tensor) -> torch.Tensor:
