@@ -192,6 +192,8 @@ class LlamaEngine(Engine):
 
 
 _END = object()
+#: TorchEngine._choose: steps between re-timings of the decode mode not in use
+RETIME = 64
 
 
 @dataclass
@@ -233,6 +235,7 @@ class TorchEngine(Engine):
         self.reuse_prefix = self.backend._reuse_prefix
         self.seqs = [_Seq(i) for i in range(self.parallel)]
         self._steps: dict = {}  # seq -> its fused decode step (built on first use)
+        self._timing: dict = {}  # live sequences -> seconds per step of each decode mode (_choose)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name=f"torch-engine-{name}", daemon=True)
@@ -323,17 +326,43 @@ class TorchEngine(Engine):
         live = [s for s in self.seqs if s.tj is not None and s.next_tok is not None]
         if not live:
             return
-        step = self._fused_step(live[0].seq) if len(live) == 1 else None
-        if step is not None:  # one sequence: the whole token in one call of the CPU kernels, as `run` does
-            logits = step(live[0].next_tok, len(live[0].cached))[None]
+        steps = [self._fused_step(s.seq) for s in live]
+        mode = "rows" if None in steps else self._choose(len(live))
+        t0 = time.perf_counter()
+        if mode == "fused":  # the whole token in one call of the CPU kernels per sequence, as `run` does
+            logits = torch.stack([st(s.next_tok, len(s.cached)) for st, s in zip(steps, live)])
         else:
             ids = torch.tensor([[s.next_tok] for s in live], device=self.backend.device)  # [B, 1]
             rows = [(s.seq, len(s.cached)) for s in live]
             logits = self.model.forward_rows(ids, rows) if len(live) > 1 else \
                 self.model(ids, rows[0][1], last_only=True, seq=live[0].seq)[:, -1]  # [B, V]
+        if mode == "fused" or len(live) > 1:
+            self._timed(len(live), mode, time.perf_counter() - t0)
         for s, lg in zip(live, logits):
             s.cached.append(s.next_tok)
             self._sampled(s, lg)
+
+    def _choose(self, b: int) -> str:
+        """How to decode ``b`` sequences that all have a fused step: "fused" (one step per sequence:
+        no Python per op, but the weights read b times) or "rows" (one batched forward_rows: weights
+        read once, ~1,500 torch ops). Which is faster depends on the model's size and the machine,
+        so both are timed as the engine runs and the faster is used; the other is re-timed every
+        :data:`RETIME` steps. One sequence: always fused."""
+        if b == 1:
+            return "fused"
+        t = self._timing.setdefault(b, {"fused": None, "rows": None, "n": 0})
+        t["n"] += 1
+        for m in ("fused", "rows"):
+            if t[m] is None:
+                return m
+        best = min(("fused", "rows"), key=lambda m: t[m])
+        if t["n"] % RETIME == 0:
+            return "rows" if best == "fused" else "fused"
+        return best
+
+    def _timed(self, b: int, mode: str, dt: float) -> None:
+        t = self._timing.setdefault(b, {"fused": None, "rows": None, "n": 0})
+        t[mode] = dt if t[mode] is None else 0.75 * t[mode] + 0.25 * dt
 
     def _fused_step(self, seq: int):
         """The fused CPU decode step over sequence ``seq``'s caches (kernels/cpu_step.py), or None
