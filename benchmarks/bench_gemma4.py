@@ -123,7 +123,7 @@ def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) ->
     ids = tb.tokenize("The quick brown fox jumps over the lazy dog. " * (n_prompt // 8 + 1), add_special=False)[:n_prompt]
     steps = (ids * (n_gen // len(ids) + 1))[:n_gen]
     model = tb.model
-    rows = interleaved_runs(model, torch.device("cpu"), llm, ids, steps, runs)
+    rows = interleaved_runs(model, torch.device("cpu"), llm, ids, steps, runs, decode=tb.decode)  # the backend's step
     model.setup(n_ctx, torch.device("cpu"), torch.float32)
     model(torch.tensor([ids]), 0, last_only=True)
     read = statistics.median(count_read_bytes(model, [steps[i]], len(ids) + i) for i in range(8))
@@ -136,7 +136,8 @@ def bench_moe(path: Path, threads: int, runs: int, n_prompt: int, n_gen: int) ->
            "decode_ratio": statistics.median(r[1] / r[3] for r in rows),
            "file_bytes": h.file_size, "tensor_bytes": use["tensor_bytes"], "active_bytes": use["active_bytes"],
            "torch_read_bytes_per_token": int(read), "parameters": use["parameters"],
-           "active_parameters": use["active_parameters"], "kernels": dict(tb.report.paths)}
+           "active_parameters": use["active_parameters"], "kernels": dict(tb.report.paths),
+           "torch_decode_step": "fused C step" if tb._step is not None else "model forward"}
     llm.close()
     tb.close()
     return res
@@ -194,7 +195,7 @@ def main() -> int:
           f"({rd / act:.2f}x); whole file {fmt_bytes(tot)} ({act / tot:.1%} of it is active)")
     for eng in ("torch", "llama.cpp"):
         print(f"  {eng:9s} {m['decode_tok_s'][eng]:.2f} tok/s x active bytes = {act * m['decode_tok_s'][eng] / 1e9:.2f} GB/s")
-    print(f"torch kernels: {m['kernels']}")
+    print(f"torch kernels: {m['kernels']}; decode by the {m['torch_decode_step']}")
     out = {"moe": m}
     if not args.skip_ple:
         print()

@@ -50,7 +50,7 @@
 
 #define EG_API __attribute__((visibility("default")))
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
 /* One group of 32 quantized activations: x ~ d * q. */
 typedef struct {
@@ -73,7 +73,7 @@ typedef struct {
     int32_t type, n, k;
 } eg_mat;
 
-EG_API int eg_version(void) { return 2; }
+EG_API int eg_version(void) { return 3; }
 
 /* ------------------------------------------------------------------------------ scalar helpers */
 
@@ -114,7 +114,9 @@ static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
     }
 }
 
-static inline int block_elems(int type) { return type >= T_Q4_K ? 256 : 32; }
+/* float rows (F32 / F16: plain float dot products against float32 activations) have no blocks */
+static inline int is_float(int type) { return type == T_F32 || type == T_F16; }
+static inline int block_elems(int type) { return is_float(type) ? 1 : type >= T_Q4_K ? 256 : 32; }
 
 static inline int type_bytes(int type) {
     switch (type) {
@@ -341,6 +343,34 @@ static void rows_k_scalar(const eg_mat *w, const eg_q8k *xk, int M, float *y, in
     }
 }
 
+/* F32 / F16 weight rows against float32 activations x [M][ldx]: plain float dot products. */
+typedef void (*rows_f_fn)(const eg_mat *w, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int r0, int r1);
+
+static inline float wf_at(const eg_mat *w, const uint8_t *row, int i) {
+    if (w->type == T_F32) {
+        float v;
+        memcpy(&v, row + 4 * (int64_t)i, 4);
+        return v;
+    }
+    return rd_f16(row + 2 * (int64_t)i);
+}
+
+static void rows_f_scalar(const eg_mat *w, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
+        for (int m = 0; m < M; ++m) {
+            const float *xm = x + (int64_t)m * ldx;
+            float acc[8] = {0};
+            int i = 0;
+            for (; i + 8 <= w->k; i += 8)
+                for (int l = 0; l < 8; ++l) acc[l] += wf_at(w, row, i + l) * xm[i + l];
+            float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (; i < w->k; ++i) s += wf_at(w, row, i) * xm[i];
+            y[(int64_t)m * ldy + r] = s;
+        }
+    }
+}
+
 static inline uint16_t to_bf16(float f) {
     uint32_t b;
     memcpy(&b, &f, 4);
@@ -514,6 +544,7 @@ static void run(task_fn fn, void *ctx, int nth) {
 
 static rows_fn ROWS = rows_scalar;
 static rows_k_fn ROWS_K = rows_k_scalar;
+static rows_f_fn ROWS_F = rows_f_scalar;
 static dequant_fn DEQUANT = dequant_scalar;
 static const char *ISA = "scalar";
 
@@ -535,9 +566,11 @@ EG_API const char *eg_init(const char *want) {
     }
     ROWS = rows_scalar;
     ROWS_K = rows_k_scalar;
+    ROWS_F = rows_f_scalar;
     DEQUANT = dequant_scalar;
     ISA = "scalar";
 #if EG_X86
+    if (lvl >= 1) ROWS_F = rows_f_avx2; /* float rows: AVX2 + FMA + F16C on both */
     if (lvl == 1) { ROWS = rows_avx2; ROWS_K = rows_k_avx2; DEQUANT = dequant_avx2; ISA = "avx2"; }
     if (lvl == 2) { ROWS = rows_vnni; ROWS_K = rows_k_vnni; DEQUANT = dequant_vnni; ISA = "avx512-vnni"; }
 #endif
@@ -546,6 +579,7 @@ EG_API const char *eg_init(const char *want) {
 
 EG_API int eg_supports(int type) {
     switch (type) {
+    case T_F32: case T_F16:
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_Q4_K: case T_Q5_K: case T_Q6_K:
         return block_elems(type);
     }
@@ -557,7 +591,10 @@ typedef struct {
     int nmat;
     const eg_q8 *xq;
     const eg_q8k *xk;
+    const float *xf;  /* the float activations (float rows read them) */
+    int64_t ldx;
     int M;
+    int per_mat;      /* 1: matrix i reads activation row i alone (M = 1 each; the experts' down projections) */
     float *y;
     int64_t ldy;
     int64_t total; /* rows of all mats */
@@ -574,9 +611,19 @@ static void gemm_task(void *vctx, int ith, int nth) {
         const eg_mat *w = &j->mats[i];
         int64_t lo = g0 - base, hi = g1 - base;
         if (lo < w->n && hi > 0) {
-            int a = lo < 0 ? 0 : (int)lo, b = hi > w->n ? w->n : (int)hi;
-            if (block_elems(w->type) == 256) ROWS_K(w, j->xk, j->M, j->y + col, j->ldy, a, b);
-            else ROWS(w, j->xq, j->M, j->y + col, j->ldy, a, b);
+            int a = lo < 0 ? 0 : (int)lo, b = hi > w->n ? w->n : (int)hi, M = j->M;
+            const eg_q8 *xq = j->xq;
+            const eg_q8k *xk = j->xk;
+            const float *xf = j->xf;
+            if (j->per_mat) {
+                M = 1;
+                xq += (int64_t)i * (w->k / 32);
+                xk += (int64_t)i * (w->k / 256);
+                xf += (int64_t)i * j->ldx;
+            }
+            if (is_float(w->type)) ROWS_F(w, xf, M, j->ldx, j->y + col, j->ldy, a, b);
+            else if (block_elems(w->type) == 256) ROWS_K(w, xk, M, j->y + col, j->ldy, a, b);
+            else ROWS(w, xq, M, j->y + col, j->ldy, a, b);
         }
         base += w->n;
         col += w->n;
@@ -606,18 +653,24 @@ static int xbuf_for(int64_t M, int k) {
 /* y = x @ W_i^T for mats (same k): x quantized the way each type wants it (per 32 for the 32-value
  * types, per 256 for the K types; only what is needed), then the rows split over threads.
  * The caller holds call_mu and has sized the buffers (xbuf_for). */
-static void gemm_x(const eg_mat *mats, int nmat, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int nth) {
+static void gemm_xm(const eg_mat *mats, int nmat, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int nth,
+                    int per_mat) {
     int k = mats[0].k, want32 = 0, want256 = 0;
     for (int i = 0; i < nmat; ++i) {
+        if (is_float(mats[i].type)) continue;
         if (block_elems(mats[i].type) == 256) want256 = 1;
         else want32 = 1;
     }
     if (want32) quantize_rows(x, M, k, ldx, xq_buf);
     if (want256) quantize_rows_k(x, M, k, ldx, xk_buf);
-    gemm_job j = {mats, nmat, xq_buf, xk_buf, M, y, ldy, 0};
+    gemm_job j = {mats, nmat, xq_buf, xk_buf, x, ldx, M, per_mat, y, ldy, 0};
     for (int i = 0; i < nmat; ++i) j.total += mats[i].n;
     if (j.total * k < 32768) nth = 1; /* too small to split */
     run(gemm_task, &j, nth);
+}
+
+static void gemm_x(const eg_mat *mats, int nmat, const float *x, int M, int64_t ldx, float *y, int64_t ldy, int nth) {
+    gemm_xm(mats, nmat, x, M, ldx, y, ldy, nth, 0);
 }
 
 /* y[m][*] = x[m] @ W_i^T for the matrices mats[0..nmat-1] (same k), outputs side by side in y's
@@ -647,7 +700,15 @@ typedef struct {
 static void deq_task(void *vctx, int ith, int nth) {
     deq_job *j = (deq_job *)vctx;
     int n = j->r1 - j->r0, a = j->r0 + n * ith / nth, b = j->r0 + n * (ith + 1) / nth;
-    if (b > a) DEQUANT(j->w, a, b, (char *)j->out + (int64_t)(a - j->r0) * j->w->k * (j->bf16 ? 2 : 4), j->bf16);
+    if (b > a && is_float(j->w->type)) {
+        for (int r = a; r < b; ++r)
+            for (int i = 0; i < j->w->k; ++i) {
+                float v = wf_at(j->w, j->w->data + (int64_t)r * j->w->row_bytes, i);
+                int64_t at = (int64_t)(r - j->r0) * j->w->k + i;
+                if (j->bf16) ((uint16_t *)j->out)[at] = to_bf16(v);
+                else ((float *)j->out)[at] = v;
+            }
+    } else if (b > a) DEQUANT(j->w, a, b, (char *)j->out + (int64_t)(a - j->r0) * j->w->k * (j->bf16 ? 2 : 4), j->bf16);
 }
 
 /* Rows r0..r1-1 of w dequantized to out [r1 - r0][k], float32 or (bf16 != 0) bfloat16: the

@@ -223,6 +223,44 @@ static void F(rows_k)(const eg_mat *w, const eg_q8k *xk, int M, float *y, int64_
     }
 }
 
+/* F32 / F16 weight rows against float32 activations x [M][ldx] (F16C widens the halves); two
+ * accumulators per activation row hide the FMA latency. Same sums as rows_f_scalar up to order. */
+AI void F(rows_ft)(const int f16, const eg_mat *w, const float *x, int M, int64_t ldx, float *y, int64_t ldy,
+                   int r0, int r1) {
+    const int k = w->k, k16 = k & ~15;
+    for (int r = r0; r < r1; ++r) {
+        const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int mt = M - m0 < 4 ? M - m0 : 4;
+            __m256 a0[4], a1[4];
+            for (int t = 0; t < 4; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+            for (int i = 0; i < k16; i += 16) {
+                __m256 w0 = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)))
+                                : _mm256_loadu_ps((const float *)(row + 4 * i));
+                __m256 w1 = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i + 16)))
+                                : _mm256_loadu_ps((const float *)(row + 4 * i + 32));
+                for (int t = 0; t < mt; ++t) {
+                    const float *xm = x + (int64_t)(m0 + t) * ldx + i;
+                    a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[t]);
+                }
+            }
+            for (int t = 0; t < mt; ++t) {
+                const float *xm = x + (int64_t)(m0 + t) * ldx;
+                float s = F(hsum)(_mm256_add_ps(a0[t], a1[t]));
+                for (int i = k16; i < k; ++i) s += wf_at(w, row, i) * xm[i];
+                y[(int64_t)(m0 + t) * ldy + r] = s;
+            }
+        }
+    }
+}
+
+static __attribute__((unused)) void F(rows_f)(const eg_mat *w, const float *x, int M, int64_t ldx, float *y,
+                                             int64_t ldy, int r0, int r1) {
+    if (w->type == T_F16) F(rows_ft)(1, w, x, M, ldx, y, ldy, r0, r1);
+    else F(rows_ft)(0, w, x, M, ldx, y, ldy, r0, r1);
+}
+
 /* 8 floats -> 8 bfloat16 (round to nearest even) at o */
 AI void F(store_bf16)(uint16_t *o, __m256 v) {
     __m256i b = _mm256_castps_si256(v);

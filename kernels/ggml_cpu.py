@@ -34,7 +34,7 @@ import torch
 T = gguf.GGMLQuantizationType
 log = logging.getLogger(__name__)
 
-_VERSION = 2                      # eg_version() this module expects
+_VERSION = 3                      # eg_version() this module expects
 #: GGML types the kernels read, with the row length they need to be a multiple of.
 SUPPORTED = {T.Q4_0: 32, T.Q4_1: 32, T.Q5_0: 32, T.Q5_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256}
 _SRC = Path(__file__).with_name("_ggmlcpu.c")

@@ -64,13 +64,20 @@ def module_path(gguf_name: str) -> str:
     return f"layers.{i}.{sub + '.' if sub else ''}{stem}.{kind}"
 
 
+def gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    """GELU in its tanh form (llama.cpp's ``ggml_gelu``)."""
+    return F.gelu(t, approximate="tanh")
+
+
+#: activation name -> function (one object per name, so that a fused step can tell them apart)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_tanh": gelu_tanh}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``silu`` or ``gelu_tanh`` (GeGLU; llama.cpp's ``ggml_gelu``)."""
-    if name == "silu":
-        return F.silu
-    if name == "gelu_tanh":
-        return lambda t: F.gelu(t, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}")
+    """``silu`` or ``gelu_tanh`` (GeGLU)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    return ACTIVATIONS[name]
 
 
 @dataclass

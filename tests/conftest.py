@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+# `python -m pytest` puts the repo root on sys.path, where kernels/, models/ and quant/ (installed as
+# edgeinfer.kernels, ...) would shadow same-named PyPI packages: transformers >= 5.25 imports the
+# `kernels` package (huggingface/kernels) when it is installed. The tests import edgeinfer as installed.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != TESTS_DIR.parent]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 

@@ -161,6 +161,44 @@ def test_moe_quantized_vs_llama_cpp(f32_file, qtype):
     assert med < 0.06 and worst < 0.5 and k < 2e-3
 
 
+# --------------------------------------------------------------------------- the fused CPU decode step
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("name", ["gemma4_e2b", "gemma4_moe", "gemma4_dense"])
+def test_fused_step_matches_the_forward(f32_file, name, qtype):
+    """kernels/cpu_step.py on Gemma 4 (sandwich norms, GeGLU, ring-buffer windows shorter than the
+    sequence, KV sharing, keys as values, the parallel dense + routed FFN, per-layer embeddings, the
+    layer scale, soft-capping): the step's logits at each position equal the model's forward on the
+    same cache. F32: float32 summation order only (measured ~1e-6). Q8_0: the step and the forward
+    quantize the same activations to 8 bits but their float32 sums differ in order, which flips a
+    rounding here and there (and, on the MoE, may move a near-tied expert choice): the bound is on the
+    median and on the top-1 agreement, with every position far from O(1)."""
+    from edgeinfer.kernels import cpu_step, ggml_cpu
+
+    if not ggml_cpu.available():
+        pytest.skip("compiled kernels unavailable")
+    model = load(f32_file(name, qtype), n_ctx=64)
+    step = cpu_step.build(model)
+    assert step is not None
+    ids = _gemma4.TOKENS
+    rel, agree = [], 0
+    with torch.inference_mode():
+        model(torch.tensor([ids[:3]]), 0)
+        for i in range(3, len(ids)):
+            fwd = model(torch.tensor([[ids[i]]]), i)[0, -1]
+            got = step(ids[i], i)  # rewrites position i's K/V from the same inputs
+            rel.append(float((got - fwd).norm() / fwd.norm()))
+            agree += int(got.argmax() == fwd.argmax())
+    n, worst, med = len(rel), max(rel), float(np.median(rel))
+    print(f"{name} {qtype}: fused step vs forward over {n} positions (window 4): rel median {med:.1e}, "
+          f"max {worst:.1e}, top-1 {agree}/{n}")
+    if qtype == "F32":
+        assert worst < 1e-4 and agree == n
+    else:
+        assert med < 3e-2 and worst < 0.3 and agree >= 0.85 * n
+
+
 # --------------------------------------------------------------------------- both backends, same text
 
 

@@ -75,6 +75,26 @@ def test_kernels_match_reference_random(qtype, isa):
 
 
 @needs_lib
+@pytest.mark.parametrize("qtype", [T.F32, T.F16], ids=lambda t: t.name)
+def test_float_rows_match_reference(qtype, isa):
+    """F32 / F16 rows (routers, F16 files, the fused step's float tensors) against float32
+    activations: float32 sums of the exact weights vs float64 (k = 161: the 16-wide loop's tail)."""
+    dt = torch.float32 if qtype == T.F32 else torch.float16
+    for n, k, seed in ((37, 161, 1), (203, 576, 2)):
+        w = (torch.from_numpy(np.random.default_rng(seed).standard_normal((n, k))) * 0.05).to(dt)
+        lin = ggml_cpu.GGMLCPU([(w.view(torch.uint8), qtype, n, k)])
+        w64 = w.double().numpy()
+        for m in (1, 3, 4, 5, 17, 64):
+            x = np.random.default_rng(seed * 100 + m).standard_normal((m, k)).astype(np.float32)
+            got = lin.matmul(torch.from_numpy(x)).numpy()
+            err = float(np.abs(got - x.astype(np.float64) @ w64.T).max() / (np.abs(x) @ np.abs(w64).T).max())
+            if m in (1, 64):
+                print(f"{qtype.name} {isa} [{n}x{k}] M={m}: rel err {err:.1e} vs float64")
+            assert err < TOL, (qtype.name, isa, n, m, err)
+        assert torch.equal(lin.dequantize(), w.float())
+
+
+@needs_lib
 def test_kernels_match_reference_real_tensors(default_gguf, isa):
     reader = gguf.GGUFReader(default_gguf)
     seen = set()

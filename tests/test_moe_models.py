@@ -95,6 +95,47 @@ def test_greedy_text_equal_in_both_backends(ckpts, tmp_path, arch):
     assert texts["llama.cpp"] == texts["torch"] and texts["torch"][1] > 0
 
 
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_fused_step_matches_the_forward(ckpts, tmp_path, arch, qtype):
+    """The fused CPU decode step (kernels/cpu_step.py) on routed experts -- softmax top-k, renormalised
+    or not, Qwen2-MoE's sigmoid-gated shared expert -- equals the model's forward at every position
+    (F32: float32 summation order, ~1e-6; Q8_0: the same 8-bit activations summed in another order)."""
+    from edgeinfer.engine.loader import load_model
+    from edgeinfer.kernels import cpu_step, ggml_cpu
+    from edgeinfer.quant.convert import convert
+
+    if not ggml_cpu.available():
+        pytest.skip("compiled kernels unavailable")
+    model, _ = load_model(convert(ckpts[arch], tmp_path / f"{arch}-{qtype}.gguf", qtype), torch.device("cpu"), 64)
+    step = cpu_step.build(model)
+    assert step is not None
+    rel, agree = [], 0
+    with torch.inference_mode():
+        model(torch.tensor([TOKENS[:3]]), 0)
+        for i in range(3, len(TOKENS)):
+            fwd = model(torch.tensor([[TOKENS[i]]]), i)[0, -1]
+            got = step(TOKENS[i], i)
+            rel.append(float((got - fwd).norm() / fwd.norm()))
+            agree += int(got.argmax() == fwd.argmax())
+    n, worst, med = len(rel), max(rel), float(np.median(rel))
+    print(f"{arch} {qtype}: fused step vs forward over {n} positions: rel median {med:.1e}, max {worst:.1e}, "
+          f"top-1 {agree}/{n}")
+    if qtype == "F32":
+        assert worst < 1e-4 and agree == n
+    else:
+        assert med < 3e-2 and worst < 0.3 and agree >= 0.85 * n
+
+
+def test_fused_step_declines_latent_attention(ckpts, tmp_path):
+    from edgeinfer.engine.loader import load_model
+    from edgeinfer.kernels import cpu_step
+    from edgeinfer.quant.convert import convert
+
+    model, _ = load_model(convert(ckpts["deepseek_v3"], tmp_path / "ds.gguf", "F32"), torch.device("cpu"), 64)
+    assert cpu_step.build(model) is None  # MLA: the model's forward decodes
+
+
 def test_config_llama_cpp_cannot_run_needs_torch_only(tmp_path, capsys):
     from edgeinfer.backend import LoadOptions
     from edgeinfer.backends import load_backend
