@@ -82,25 +82,6 @@ static int64_t step_max_k(const eg_model *m) {
     return k;
 }
 
-EG_API int64_t eg_step_scratch(const eg_model *m) {
-    int64_t qkv = 0, att = 0, scores = 0, gu = 0, ex = m->dim;
-    for (int l = 0; l < m->n_layer; ++l) {
-        const eg_layer *L = &m->layers[l];
-        qkv = imax(qkv, (int64_t)(L->n_head + 2 * L->n_kv) * L->head_dim);
-        att = imax(att, (int64_t)L->n_head * L->head_dim);
-        scores = imax(scores, (int64_t)L->n_head * L->size);
-        gu = imax(gu, 2 * (int64_t)L->ffn);
-        if (L->moe) {
-            gu = imax(gu, imax(2 * (int64_t)L->moe->top_k * L->moe->ffn, 2 * (int64_t)L->moe->sh_ffn));
-            gu = imax(gu, L->moe->n_expert);
-            ex = imax(ex, (int64_t)L->moe->top_k * (m->dim + L->moe->ffn));
-        }
-        if (L->ple) gu = imax(gu, L->ple_gate.n);
-    }
-    /* xn, tmp, xe, d, e | qkv | att | scores | gu | ex */
-    return 5 * (int64_t)m->dim + qkv + att + scores + gu + ex;
-}
-
 static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
     double s = 0.0;
     for (int i = 0; i < n; ++i) s += (double)x[i] * x[i];
@@ -167,13 +148,12 @@ static void linear1(const eg_mat *mats, int nmat, const float *x, float *y, int 
     gemm_x(mats, nmat, x, 1, mats[0].k, y, 0, nth);
 }
 
-/* The attention half of layer L for the token at pos: h += [post](attention(rms(h))). */
-static void step_attention(const eg_model *m, const eg_layer *L, float *h, int pos, float *xn, float *tmp, float *qkv,
-                           float *att, float *scores, int nth) {
-    int dim = m->dim, hd = L->head_dim, nq = L->n_head * hd, nkv = L->n_kv * hd, h2 = L->n_rot / 2;
+/* Row b's attention after the batched q/k/v product: bias, norms, RoPE at pos, its K/V into the
+ * sequence's cache (L: that sequence's layer struct), attention over the visible positions -> att. */
+static void attention_row(const eg_model *m, const eg_layer *L, int pos, float *qkv, float *att, float *scores,
+                          int nth) {
+    int hd = L->head_dim, nq = L->n_head * hd, nkv = L->n_kv * hd, h2 = L->n_rot / 2;
     const float *c = L->rope_cos + (int64_t)pos * h2, *s = L->rope_sin + (int64_t)pos * h2;
-    rms_norm(h, L->attn_norm, dim, m->eps, xn);
-    linear1(L->qkv, L->n_qkv, xn, qkv, nth);
     float *q = qkv, *k = qkv + nq, *v = k + nkv;
     if (L->bq) for (int i = 0; i < nq; ++i) q[i] += L->bq[i];
     if (L->q_norm) for (int i = 0; i < L->n_head; ++i) rms_norm(q + i * hd, L->q_norm, hd, m->eps, q + i * hd);
@@ -197,9 +177,6 @@ static void step_attention(const eg_model *m, const eg_layer *L, float *h, int p
     else if (L->window > 0 && n > L->window) first = n - L->window, n = L->window;
     attn_job aj = {L, q, att, scores, first, n};
     run(attn_task, &aj, (int64_t)L->n_head * n * hd < 65536 ? 1 : nth);
-    linear1(&L->o, 1, att, tmp, nth);
-    if (L->post_attn_norm) rms_norm(tmp, L->post_attn_norm, dim, m->eps, tmp);
-    for (int i = 0; i < dim; ++i) h[i] += tmp[i];
 }
 
 /* A gated MLP on x (gate and up side by side in gu): y = down(act(gate x) * up x). */
@@ -274,68 +251,130 @@ static void moe(const eg_model *m, const eg_moe *M, const float *xr, const float
     }
 }
 
-/* One token at position pos: h [dim] holds its embedding on entry (the residual stream, updated
- * in place); logits [vocab] receive the head's output. Returns 0, -1 (out of memory / bad pos). */
-EG_API int eg_step(const eg_model *m, float *h, int pos, float *logits, int nth) {
-    if (pos < 0 || pos >= m->n_ctx) return -1;
-    int dim = m->dim;
-    int64_t qn = 0, an = 0, sn = 0, gn = 0;
+/* Per-row buffer sizes of the step (floats): q/k/v, attention output, scores (one row at a time),
+ * gate/up, the experts' outputs (one row at a time). */
+typedef struct { int64_t qn, an, sn, gn, exn; } step_sizes;
+
+static step_sizes sizes_of(const eg_model *m) {
+    step_sizes z = {0, 0, 0, 0, m->dim};
     for (int l = 0; l < m->n_layer; ++l) {
         const eg_layer *L = &m->layers[l];
-        qn = imax(qn, (int64_t)(L->n_head + 2 * L->n_kv) * L->head_dim);
-        an = imax(an, (int64_t)L->n_head * L->head_dim);
-        sn = imax(sn, (int64_t)L->n_head * L->size);
-        gn = imax(gn, 2 * (int64_t)L->ffn);
+        z.qn = imax(z.qn, (int64_t)(L->n_head + 2 * L->n_kv) * L->head_dim);
+        z.an = imax(z.an, (int64_t)L->n_head * L->head_dim);
+        z.sn = imax(z.sn, (int64_t)L->n_head * L->size);
+        z.gn = imax(z.gn, 2 * (int64_t)L->ffn);
         if (L->moe) {
-            gn = imax(gn, imax(2 * (int64_t)L->moe->top_k * L->moe->ffn, 2 * (int64_t)L->moe->sh_ffn));
-            gn = imax(gn, L->moe->n_expert);
+            z.gn = imax(z.gn, imax(2 * (int64_t)L->moe->top_k * L->moe->ffn, 2 * (int64_t)L->moe->sh_ffn));
+            z.gn = imax(z.gn, L->moe->n_expert);
+            z.exn = imax(z.exn, (int64_t)L->moe->top_k * (m->dim + L->moe->ffn));
         }
-        if (L->ple) gn = imax(gn, L->ple_gate.n);
+        if (L->ple) z.gn = imax(z.gn, L->ple_gate.n);
     }
-    float *xn = m->scratch, *tmp = xn + dim, *xe = tmp + dim, *d = xe + dim, *e = d + dim;
-    float *qkv = e + dim, *att = qkv + qn, *scores = att + an, *gu = scores + sn, *ex = gu + gn;
+    return z;
+}
+
+/* Scratch floats eg_step_batch needs for B rows. */
+EG_API int64_t eg_step_scratch_batch(const eg_model *m, int B) {
+    step_sizes z = sizes_of(m);
+    return (int64_t)B * (4 * (int64_t)m->dim + z.qn + z.an + z.gn) + m->dim + z.sn + z.exn;
+}
+
+/* One token of each of B sequences (ms[b]: sequence b's structs -- the same weights, its own caches
+ * and per-layer inputs) at positions pos[b]: h [B][dim] holds their embeddings on entry (updated in
+ * place), logits [B][vocab] receive the head's outputs. Every product runs over the B rows at once
+ * (the weights are read once); a row's result does not depend on the others (each activation row is
+ * quantized on its own), so a batch gives what B single steps give. Routed experts run row by row.
+ * Rows of one sequence at consecutive positions (ms[b] all the same) are causal: row b's K/V enter the
+ * cache before row b + 1 attends (a speculative verification pass).
+ * scratch: eg_step_scratch_batch(ms[0], B) floats; ple_in: [B][n_layer][ple_dim] per-layer inputs, or
+ * NULL (each row reads ms[b]->ple_in). Returns 0, or -1 (out of memory / bad pos). */
+EG_API int eg_step_batch(const eg_model *const *ms, int B, float *h, const int *pos, float *logits, int nth,
+                         float *scratch, const float *ple_in) {
+    const eg_model *m = ms[0];
+    for (int b = 0; b < B; ++b)
+        if (pos[b] < 0 || pos[b] >= ms[b]->n_ctx) return -1;
+    int dim = m->dim;
+    step_sizes z = sizes_of(m);
+    float *xn = scratch, *tmp = xn + (int64_t)B * dim, *d = tmp + (int64_t)B * dim, *f = d + (int64_t)B * dim;
+    float *qkv = f + (int64_t)B * dim, *att = qkv + B * z.qn, *gu = att + B * z.an, *xe = gu + B * z.gn;
+    float *scores = xe + dim, *ex = scores + z.sn;
     pthread_mutex_lock(&call_mu);
-    if (xbuf_for(1, (int)step_max_k(m))) {
+    if (xbuf_for(B, (int)step_max_k(m))) {
         pthread_mutex_unlock(&call_mu);
         return -1;
     }
+#define ROW(buf, stride, b) ((buf) + (int64_t)(b) * (stride))
     for (int l = 0; l < m->n_layer; ++l) {
         const eg_layer *L = &m->layers[l];
         const eg_moe *M = L->moe;
-        step_attention(m, L, h, pos, xn, tmp, qkv, att, scores, nth);
-        rms_norm(h, L->ffn_norm, dim, m->eps, xn);
-        float *f = d; /* the FFN's output */
-        if (L->ffn) mlp(&L->gate, &L->up, &L->down, L->ffn, L->act, xn, gu, d, nth);
-        if (M && M->gemma) {
-            rms_norm(h, NULL, dim, m->eps, tmp); /* the router reads the normed residual, scaled */
-            for (int i = 0; i < dim; ++i) tmp[i] *= M->router_scale[i];
-            rms_norm(h, M->pre_norm, dim, m->eps, xe);
-            moe(m, M, tmp, xe, e, gu, ex, nth);
-            rms_norm(d, M->post_dense, dim, m->eps, d);
-            rms_norm(e, M->post_moe, dim, m->eps, e);
-            for (int i = 0; i < dim; ++i) d[i] += e[i];
-        } else if (M) {
-            moe(m, M, xn, xn, e, gu, ex, nth);
-            f = e;
+        for (int b = 0; b < B; ++b) rms_norm(ROW(h, dim, b), L->attn_norm, dim, m->eps, ROW(xn, dim, b));
+        gemm_x(L->qkv, L->n_qkv, xn, B, dim, qkv, z.qn, nth);
+        for (int b = 0; b < B; ++b)
+            attention_row(ms[b], &ms[b]->layers[l], pos[b], ROW(qkv, z.qn, b), ROW(att, z.an, b), scores, nth);
+        gemm_x(&L->o, 1, att, B, z.an, tmp, dim, nth);
+        for (int b = 0; b < B; ++b) {
+            float *hb = ROW(h, dim, b), *tb = ROW(tmp, dim, b);
+            if (L->post_attn_norm) rms_norm(tb, L->post_attn_norm, dim, m->eps, tb);
+            for (int i = 0; i < dim; ++i) hb[i] += tb[i];
+            rms_norm(hb, L->ffn_norm, dim, m->eps, ROW(xn, dim, b));
         }
-        if (L->post_ffn_norm) rms_norm(f, L->post_ffn_norm, dim, m->eps, f);
-        for (int i = 0; i < dim; ++i) h[i] += f[i];
+        if (L->ffn) { /* the dense gated MLP of all rows -> d */
+            eg_mat gate_up[2] = {L->gate, L->up};
+            gemm_x(gate_up, 2, xn, B, dim, gu, z.gn, nth);
+            for (int b = 0; b < B; ++b) {
+                float *g = ROW(gu, z.gn, b);
+                for (int i = 0; i < L->ffn; ++i) g[i] = act_fn(L->act, g[i]) * g[L->ffn + i];
+            }
+            gemm_x(&L->down, 1, gu, B, z.gn, d, dim, nth);
+        }
+        for (int b = 0; b < B; ++b) {
+            float *hb = ROW(h, dim, b), *db = ROW(d, dim, b), *fb = ROW(f, dim, b), *out = db;
+            if (M && M->gemma) {
+                rms_norm(hb, NULL, dim, m->eps, fb); /* the router reads the normed residual, scaled */
+                for (int i = 0; i < dim; ++i) fb[i] *= M->router_scale[i];
+                rms_norm(hb, M->pre_norm, dim, m->eps, xe);
+                moe(m, M, fb, xe, fb, gu, ex, nth);
+                rms_norm(db, M->post_dense, dim, m->eps, db);
+                rms_norm(fb, M->post_moe, dim, m->eps, fb);
+                for (int i = 0; i < dim; ++i) db[i] += fb[i];
+            } else if (M) {
+                moe(m, M, ROW(xn, dim, b), ROW(xn, dim, b), fb, gu, ex, nth);
+                out = fb;
+            }
+            if (L->post_ffn_norm) rms_norm(out, L->post_ffn_norm, dim, m->eps, out);
+            for (int i = 0; i < dim; ++i) hb[i] += out[i];
+        }
         if (L->ple) {
             int P = L->ple_gate.n;
-            const float *pin = m->ple_in + (int64_t)l * m->ple_dim;
-            linear1(&L->ple_gate, 1, h, gu, nth);
-            for (int i = 0; i < P; ++i) gu[i] = act_fn(1, gu[i]) * pin[i];
-            linear1(&L->ple_proj, 1, gu, tmp, nth);
-            rms_norm(tmp, L->ple_norm, dim, m->eps, tmp);
-            for (int i = 0; i < dim; ++i) h[i] += tmp[i];
+            gemm_x(&L->ple_gate, 1, h, B, dim, gu, z.gn, nth);
+            for (int b = 0; b < B; ++b) {
+                const float *pin = (ple_in ? ple_in + (int64_t)b * m->n_layer * m->ple_dim : ms[b]->ple_in) +
+                                   (int64_t)l * m->ple_dim;
+                float *g = ROW(gu, z.gn, b);
+                for (int i = 0; i < P; ++i) g[i] = act_fn(1, g[i]) * pin[i];
+            }
+            gemm_x(&L->ple_proj, 1, gu, B, z.gn, tmp, dim, nth);
+            for (int b = 0; b < B; ++b) {
+                float *hb = ROW(h, dim, b), *tb = ROW(tmp, dim, b);
+                rms_norm(tb, L->ple_norm, dim, m->eps, tb);
+                for (int i = 0; i < dim; ++i) hb[i] += tb[i];
+            }
         }
         if (L->out_scale != 1.f)
-            for (int i = 0; i < dim; ++i) h[i] *= L->out_scale;
+            for (int64_t i = 0; i < (int64_t)B * dim; ++i) h[i] *= L->out_scale;
     }
-    rms_norm(h, m->out_norm, dim, m->eps, xn);
-    linear1(&m->out, 1, xn, logits, nth);
+    for (int b = 0; b < B; ++b) rms_norm(ROW(h, dim, b), m->out_norm, dim, m->eps, ROW(xn, dim, b));
+    gemm_x(&m->out, 1, xn, B, dim, logits, m->vocab, nth);
+#undef ROW
     if (m->softcap > 0.f)
-        for (int i = 0; i < m->vocab; ++i) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
+        for (int64_t i = 0; i < (int64_t)B * m->vocab; ++i) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
     pthread_mutex_unlock(&call_mu);
     return 0;
+}
+
+EG_API int64_t eg_step_scratch(const eg_model *m) { return eg_step_scratch_batch(m, 1); }
+
+/* One token at position pos (eg_step_batch with one row, the model's own scratch). */
+EG_API int eg_step(const eg_model *m, float *h, int pos, float *logits, int nth) {
+    return eg_step_batch(&m, 1, h, &pos, logits, nth, m->scratch, NULL);
 }

@@ -155,6 +155,8 @@ def _mlp(mlp, L, keep: list, i: int) -> None:
 class DecodeStep:
     """``step(token, pos) -> logits [vocab]`` float32 for a model :func:`build` accepted."""
 
+    MAX_ROWS = 16  # rows one batched step takes at most (a longer run of tokens is a prompt: the forward)
+
     def __init__(self, model: Transformer, seq: int = 0):
         self.model, self.seq = model, seq  # seq: the cache set it reads and writes (Transformer.add_sequences)
         self._build()
@@ -205,6 +207,10 @@ class DecodeStep:
         L.kc, L.vc = cache.k.data_ptr(), cache.v.data_ptr()
         if cache.ring and c.kv_from is None:
             self.rings.append(cache)
+        if cache.ring and c.kv_from is not None:
+            # several rows of this sequence in one step would overwrite ring slots an earlier row's
+            # shared layer still reads (the producer runs all rows first): rows() refuses
+            self.shared_ring = True
 
     def _moe(self, moe, keep: list, i: int, gemma: bool) -> Moe:
         r = moe.routing
@@ -241,6 +247,7 @@ class DecodeStep:
 
         m, keep = self.model, []
         self.rings: list = []
+        self.shared_ring = False
         layers = list(m.layers)
         eps = m.output_norm.eps
         layer_structs = (Layer * len(layers))()
@@ -302,6 +309,7 @@ class DecodeStep:
         s.out = out
         self.scratch = torch.empty(int(ggml_cpu.LIB.eg_step_scratch(ctypes.byref(s))), dtype=torch.float32)
         s.scratch = self.scratch.data_ptr()
+        self._scratch: dict[int, torch.Tensor] = {}  # batched steps' scratch by row count
         self.struct, self.layers, self.moes, self.keep, self.ple_dim = s, layer_structs, moes, keep, ple_dim
         self.cache0 = self._cache(layers[0].attn).k
         emb = m.token_embd
@@ -320,31 +328,88 @@ class DecodeStep:
             raise IndexError(f"token id {tok} is outside the vocabulary")
         return h * self.embed_scale if self.embed_scale != 1.0 else h
 
+    def _fresh(self) -> None:
+        if self._cache(self.model.layers[0].attn).k is not self.cache0:  # caches re-allocated (model.setup)
+            self._build()
+
+    def _ple(self, toks: list[int], h: torch.Tensor) -> torch.Tensor | None:
+        """Per-layer inputs [1, B, L, P] float32 of tokens ``toks`` (embeddings ``h`` [B, dim]), or None."""
+        if not self.ple_model:
+            return None
+        ple = self.model.layer_inputs(torch.tensor([toks]), h.view(1, len(toks), -1))
+        if ple is None and self.ple_dim:
+            raise RuntimeError("the model returned no per-layer inputs for its per-layer gates")
+        return None if ple is None else ple.float().contiguous()
+
+    def _log_rings(self, pos: int) -> None:
+        for c in self.rings:  # a speculative pass's ring buffers log what this write replaces
+            if c._mark is not None:
+                c._save(pos, pos + 1)
+
     @torch.inference_mode()
     def __call__(self, tok: int, pos: int) -> torch.Tensor:
         """Logits [vocab] float32 for token ``tok`` at position ``pos`` (its K/V enter the cache)."""
-        if self._cache(self.model.layers[0].attn).k is not self.cache0:  # caches re-allocated (model.setup)
-            self._build()
+        self._fresh()
         if not 0 <= pos < self.model.n_ctx:
             raise IndexError(f"position {pos} exceeds the context of {self.model.n_ctx}")
         h = self._embed(tok)
-        ple = None
-        if self.ple_model:
-            ple = self.model.layer_inputs(torch.tensor([[tok]]), h.view(1, 1, -1))  # [1, 1, L, P] or None
-            if ple is not None:
-                ple = ple.float().contiguous()
-                self.struct.ple_in = ple.data_ptr()
-        if self.ple_dim and ple is None:
-            raise RuntimeError("the model returned no per-layer inputs for its per-layer gates")
-        for c in self.rings:  # a speculative draft's ring buffers log what this write replaces
-            if c._mark is not None:
-                c._save(pos, pos + 1)
+        ple = self._ple([tok], h)
+        self.struct.ple_in = None if ple is None else ple.data_ptr()
+        self._log_rings(pos)
         logits = torch.empty(self.vocab, dtype=torch.float32)
         rc = ggml_cpu.LIB.eg_step(ctypes.byref(self.struct), h.data_ptr(), pos, logits.data_ptr(), ggml_cpu.threads())
         self.struct.ple_in = None
         if rc != 0:
             raise RuntimeError("the fused decode step failed (out of memory?)")
         return logits
+
+    def can_rows(self, n: int) -> bool:
+        """Whether :meth:`rows` takes ``n`` tokens (not where a KV-shared layer reads a ring buffer)."""
+        return 1 <= n <= self.MAX_ROWS and (n == 1 or not self.shared_ring)
+
+    def rows(self, toks: list[int], pos0: int) -> torch.Tensor:
+        """Logits [B, vocab] of tokens ``toks`` of this sequence at positions ``pos0 ..`` in one batched
+        step (causal: each row attends to the rows before it): a speculative verification pass."""
+        return batch([self] * len(toks), toks, list(range(pos0, pos0 + len(toks))))
+
+
+MAX_ROWS = DecodeStep.MAX_ROWS
+
+
+@torch.inference_mode()
+def batch(steps: list[DecodeStep], toks: list[int], positions: list[int]) -> torch.Tensor:
+    """One batched call of the fused step: row b is token ``toks[b]`` at ``positions[b]`` of the sequence
+    of ``steps[b]`` (steps of one model: different sequences, or the same step repeated at consecutive
+    positions). Every product reads the weights once for all rows; each row's logits equal what its own
+    step would give. Returns logits [B, vocab] float32."""
+    s0, b = steps[0], len(steps)
+    if not 0 < b <= MAX_ROWS or len(toks) != b or len(positions) != b:
+        raise ValueError(f"a batched step takes 1..{MAX_ROWS} rows (got {b} steps, {len(toks)} tokens)")
+    for st in steps:
+        if st.model is not s0.model:
+            raise ValueError("a batched step runs the sequences of one model")
+        st._fresh()
+    if s0.shared_ring and len({id(st) for st in steps}) < b:
+        raise ValueError("rows of one sequence cannot share a step here: a KV-shared layer reads a ring buffer")
+    for p in positions:
+        if not 0 <= p < s0.model.n_ctx:
+            raise IndexError(f"position {p} exceeds the context of {s0.model.n_ctx}")
+    h = torch.stack([st._embed(t) for st, t in zip(steps, toks)])  # [B, dim]
+    ple = s0._ple(list(toks), h)
+    for st, p in zip(steps, positions):
+        st._log_rings(p)
+    scratch = s0._scratch.get(b)
+    if scratch is None:
+        n = int(ggml_cpu.LIB.eg_step_scratch_batch(ctypes.byref(s0.struct), b))
+        scratch = s0._scratch[b] = torch.empty(n, dtype=torch.float32)
+    ms = (ctypes.c_void_p * b)(*(ctypes.addressof(st.struct) for st in steps))
+    pos = (ctypes.c_int * b)(*positions)
+    logits = torch.empty(b, s0.vocab, dtype=torch.float32)
+    rc = ggml_cpu.LIB.eg_step_batch(ms, b, h.data_ptr(), pos, logits.data_ptr(), ggml_cpu.threads(),
+                                    scratch.data_ptr(), None if ple is None else ple.data_ptr())
+    if rc != 0:
+        raise RuntimeError("the fused decode step failed (out of memory?)")
+    return logits
 
 
 def build(model: Transformer, seq: int = 0) -> DecodeStep | None:

@@ -4,7 +4,9 @@
 memory-mapped file's blocks (no repacking at load, no widened copy in memory), with the
 activations quantized to int8 per 32 values and integer dot products: AVX-512 VNNI, AVX2 or
 portable C, picked at load time from the CPU's features (``EDGEINFER_ISA=scalar|avx2|vnni``
-narrows it). Rows are split over :func:`threads` (:func:`set_threads`, else ``torch.get_num_threads()``).
+narrows it). F32 and F16 weights are read as stored too (float32 sums against float32
+activations, F16C widening: an F16 file is not widened to float32 in memory). Rows are split over
+:func:`threads` (:func:`set_threads`, else ``torch.get_num_threads()``).
 
 The library is optional. It is built with the package (``setup.py``); when it is missing it is
 compiled on first use into the user cache (``cc``, a few seconds, once), and when that fails too
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 _VERSION = 3                      # eg_version() this module expects
 #: GGML types the kernels read, with the row length they need to be a multiple of.
 SUPPORTED = {T.Q4_0: 32, T.Q4_1: 32, T.Q5_0: 32, T.Q5_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256}
+#: float weights the kernels also read as stored (float32 sums against float32 activations)
+FLOAT_ROWS = (T.F32, T.F16)
 _SRC = Path(__file__).with_name("_ggmlcpu.c")
 
 
@@ -120,6 +124,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.eg_step_scratch.argtypes = [p]
     lib.eg_step.restype = ctypes.c_int
     lib.eg_step.argtypes = [p, p, ctypes.c_int, p, ctypes.c_int]
+    lib.eg_step_scratch_batch.restype = i64
+    lib.eg_step_scratch_batch.argtypes = [p, ctypes.c_int]
+    lib.eg_step_batch.restype = ctypes.c_int
+    lib.eg_step_batch.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_int, p, p]
     del i32
     isa = lib.eg_init(os.environ.get("EDGEINFER_ISA", "").encode()).decode()
     return lib, isa
@@ -153,8 +161,8 @@ def notice() -> None:
 
 
 def can_run(qtype, n: int, k: int) -> bool:
-    """Whether the kernels take a [n, k] weight of ``qtype``."""
-    mult = SUPPORTED.get(qtype)
+    """Whether the kernels take a [n, k] weight of ``qtype`` (a block type, or F32 / F16 rows)."""
+    mult = SUPPORTED.get(qtype) or (1 if qtype in FLOAT_ROWS else None)
     return LIB is not None and mult is not None and k % mult == 0 and n > 0
 
 
@@ -165,6 +173,8 @@ def mat(raw: torch.Tensor, qtype, n: int, k: int) -> Mat:
     return Mat(raw.data_ptr(), raw.stride(0), int(qtype), n, k)
 
 
+FLOAT_GEMM_M = 32   # GGMLCPU.matmul: F16 rows go through torch's GEMM from this many activation rows
+_WIDEN_ROWS = 2048  # rows widened to float32 at a time there (8 MiB at k = 1024)
 _THREADS: int | None = None  # set_threads(); None = torch's intra-op thread count
 
 
@@ -226,8 +236,26 @@ class GGMLCPU:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N] float32 (any M: each row of x is quantized and multiplied on its own,
         so a row's result does not depend on the batch it is in -- prefill and decode agree, as in
-        llama.cpp; a float32 matmul on dequantized chunks measured no faster for prefill here)."""
+        llama.cpp; a float32 matmul on dequantized chunks measured no faster for prefill here).
+
+        F16 rows from ``FLOAT_GEMM_M`` activation rows up: torch's float32 GEMM on row chunks widened
+        on the fly (measured faster than the kernels' row loop from M = 32 on small matrices; below it the kernels
+        win, 1.7x at M = 1, 1.2x at M = 5; on a 49152-row LM head they win at every M). Only a chunk is ever widened: the weights stay half in memory."""
+        if x.shape[0] >= FLOAT_GEMM_M and all(w.type == T.F16 for w in self.mats):
+            return self._widened_matmul(x)
         return linear(self.mats, x)
+
+    def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        col = 0
+        for raw, w in zip(self.raws, self.mats):
+            half = raw.view(torch.float16)  # [n, k]
+            for r0 in range(0, w.n, _WIDEN_ROWS):
+                r1 = min(w.n, r0 + _WIDEN_ROWS)
+                y[:, col + r0:col + r1] = x @ half[r0:r1].float().T
+            col += w.n
+        return y
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """All rows as [N, K] float32 or bfloat16, dequantized by the kernels (tests)."""

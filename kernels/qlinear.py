@@ -78,6 +78,10 @@ class QuantLinear(nn.Module):
         elif FORCE_PATH and self.qtype not in FLOAT_TYPES:
             self.raw = raw.to(self.device)
             self.path = FORCE_PATH
+        elif self.qtype == T.F16 and dev == "cpu" and ggml_cpu.can_run(self.qtype, n, k):
+            halves = raw if raw.dtype == torch.uint8 else raw.view(torch.uint8)  # the file's halves, not widened
+            self.native = ggml_cpu.GGMLCPU([(halves.reshape(n, 2 * k), self.qtype, n, k)])
+            self.path = "ggml-cpu"
         elif self.qtype in FLOAT_TYPES:
             w = dequantize(raw, self.qtype) if raw.dtype == torch.uint8 else raw
             dt = torch.float32 if dev == "cpu" else torch.float16

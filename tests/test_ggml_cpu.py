@@ -78,7 +78,8 @@ def test_kernels_match_reference_random(qtype, isa):
 @pytest.mark.parametrize("qtype", [T.F32, T.F16], ids=lambda t: t.name)
 def test_float_rows_match_reference(qtype, isa):
     """F32 / F16 rows (routers, F16 files, the fused step's float tensors) against float32
-    activations: float32 sums of the exact weights vs float64 (k = 161: the 16-wide loop's tail)."""
+    activations: float32 sums of the exact weights vs float64 (k = 161: the 16-wide loop's tail;
+    M = 64: F16 through torch's GEMM on widened row chunks, ggml_cpu.FLOAT_GEMM_M)."""
     dt = torch.float32 if qtype == T.F32 else torch.float16
     for n, k, seed in ((37, 161, 1), (203, 576, 2)):
         w = (torch.from_numpy(np.random.default_rng(seed).standard_normal((n, k))) * 0.05).to(dt)
@@ -92,6 +93,12 @@ def test_float_rows_match_reference(qtype, isa):
                 print(f"{qtype.name} {isa} [{n}x{k}] M={m}: rel err {err:.1e} vs float64")
             assert err < TOL, (qtype.name, isa, n, m, err)
         assert torch.equal(lin.dequantize(), w.float())
+    from edgeinfer.kernels.qlinear import QuantLinear
+
+    # an F16 file's weights stay half in memory (the kernels read them); F32 keeps torch's GEMM
+    q = QuantLinear(w, qtype, n, k)
+    assert q.path == ("ggml-cpu" if qtype == T.F16 else "dense")
+    assert q.nbytes() == n * k * w.element_size()
 
 
 @needs_lib
@@ -269,6 +276,27 @@ def test_fused_step_matches_the_forward(default_model):
     # So the bound is on the typical size and the agreement; a wrong position, cache slot or head
     # gives O(1) at every position
     assert med < 3e-2 and worst < 0.15 and agree >= 0.9 * n
+
+
+@needs_lib
+def test_batched_rows_of_one_sequence_are_causal_and_equal_single_steps(default_model):
+    """A speculative verification pass: tokens at consecutive positions of one sequence in one batched
+    step give exactly the logits of single steps one after another (each row attends to the rows
+    before it, whose K/V entered the cache first)."""
+    from edgeinfer.kernels import cpu_step
+
+    step = cpu_step.build(default_model)
+    ids = [1, 504, 3458, 314, 253, 3736, 282, 3032, 30, 378, 314, 4041, 28]
+    with torch.inference_mode():
+        default_model(torch.tensor([ids[:5]]), 0)
+        single = torch.stack([step(t, 5 + i) for i, t in enumerate(ids[5:])])
+        default_model(torch.tensor([ids[:5]]), 0)
+        rows = step.rows(ids[5:], 5)
+    print(f"batched rows of one sequence ({len(ids) - 5}) vs single steps: max |diff| "
+          f"{float((rows - single).abs().max()):.3g}")
+    assert torch.equal(rows, single)
+    with pytest.raises(ValueError):
+        step.rows(list(range(100, 100 + cpu_step.MAX_ROWS + 1)), 0)
 
 
 @needs_lib

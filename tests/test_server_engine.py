@@ -73,6 +73,38 @@ def test_fused_step_of_another_sequence_reads_and_writes_its_own_caches(torch_de
     assert torch.equal(torch_default._step(1234, len(a)), ref)
 
 
+def test_batched_fused_step_equals_each_sequence_alone(torch_default):
+    """The server's several sequences decode in one batched call of the fused step (the weights read
+    once): each row's logits equal that sequence's own step exactly (each activation row is quantized
+    and summed on its own), and each sequence's cache gets only its own token."""
+    from edgeinfer.kernels import cpu_step
+
+    m = torch_default.model
+    if torch_default._step is None:
+        pytest.skip("the fused CPU step is not built here (no compiled kernels)")
+    m.add_sequences(3)
+    steps = [torch_default._step, cpu_step.build(m, seq=1), cpu_step.build(m, seq=2)]
+    prompts = [torch_default.tokenize(t) for t in ("The capital of France is", "Hi", "One, two, three,")]
+    toks = [1234, 42, 777]
+
+    def prefill():
+        for seq, p in enumerate(prompts):
+            m(torch.tensor([p]), 0, seq=seq)
+
+    prefill()
+    alone = [st(t, len(p)) for st, t, p in zip(steps, toks, prompts)]
+    prefill()
+    together = cpu_step.batch(steps, toks, [len(p) for p in prompts])
+    print(f"batched step of 3 sequences vs each alone: max |diff| {float((together - torch.stack(alone)).abs().max()):.3g}")
+    assert torch.equal(together, torch.stack(alone))
+    nxt = [int(g.argmax()) for g in together]  # the next step reads what the batch wrote
+    again = cpu_step.batch(steps, nxt, [len(p) + 1 for p in prompts])
+    prefill()
+    for st, t, p in zip(steps, toks, prompts):
+        st(t, len(p))
+    assert torch.equal(again, torch.stack([st(t, len(p) + 1) for st, t, p in zip(steps, nxt, prompts)]))
+
+
 def test_decode_mode_follows_the_measured_times():
     """Several sequences with fused steps: both modes are timed, the faster one used, the other re-timed."""
     from edgeinfer.server.engines import RETIME, TorchEngine

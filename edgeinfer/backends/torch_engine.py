@@ -121,7 +121,7 @@ class TorchBackend(LlamaCppVocab):
                                                              n_ctx, self.numerics)
             if self._step is not None:  # the target's steps are fused: so are the draft's, where it allows
                 draft_step = cpu_step.build(draft)
-        self.speculator = Speculator(self.model, spec, self.device, draft, draft_step)
+        self.speculator = Speculator(self.model, spec, self.device, draft, draft_step, target_step=self._step)
 
     # -- info ----------------------------------------------------------------------------------
     def device_label(self) -> str:

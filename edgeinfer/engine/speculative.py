@@ -139,6 +139,8 @@ class ModelDrafter:
     def _forward(self, ids: list[int], pos: int) -> torch.Tensor:
         if len(ids) == 1 and self.step is not None:
             return self.step(ids[0], pos)
+        if self.step is not None and self.step.can_rows(len(ids)):  # catching up a few tokens: one batched step
+            return self.step.rows(ids, pos)[-1]
         return self.model(torch.tensor([ids], device=self.device), pos, last_only=True)[0, -1]
 
     def propose(self, context: list[int], k: int, sampler: Sampler, history: Sequence[int]):
@@ -210,11 +212,16 @@ class Speculator:
             (prompt lookup).
         draft_step: the draft model's fused CPU decode step (:func:`edgeinfer.kernels.cpu_step.build`),
             or None: its single-token steps then run its forward.
+        target_step: the target's fused CPU decode step, or None. With it a verification pass of up
+            to ``MAX_ROWS`` tokens is one batched step (the weights read once, no torch ops per layer);
+            longer ones (a prompt's tail), models without it and those it cannot batch (``can_rows``)
+            run the target's forward.
     """
 
     def __init__(self, target, opts: SpeculativeOptions, device: torch.device, draft_model=None,
-                 draft_step=None):
+                 draft_step=None, target_step=None):
         self.target, self.opts, self.device = target, opts, device
+        self.target_step = target_step
         self.rings = ring_caches(target)
         window = min((r.size for r in self.rings), default=0)
         self.n_draft = max(1, opts.n_draft)
@@ -271,7 +278,11 @@ class Speculator:
                 n, todo = len(cached), todo[-1:]
             for r in self.rings:
                 r.mark(len(context))
-            logits = model(torch.tensor([todo + list(drafts)], device=dev), n, keep_last=len(drafts) + 1)[0]
+            rows = todo + list(drafts)
+            if self.target_step is not None and self.target_step.can_rows(len(rows)):
+                logits = self.target_step.rows(rows, n)[-(len(drafts) + 1):]
+            else:
+                logits = model(torch.tensor([rows], device=dev), n, keep_last=len(drafts) + 1)[0]
             out = verify(logits, drafts, qs, sampler, history)
             n_acc = len(out) - 1
             self.drafter.feedback(len(drafts), n_acc)

@@ -329,8 +329,13 @@ class TorchEngine(Engine):
         steps = [self._fused_step(s.seq) for s in live]
         mode = "rows" if None in steps else self._choose(len(live))
         t0 = time.perf_counter()
-        if mode == "fused":  # the whole token in one call of the CPU kernels per sequence, as `run` does
-            logits = torch.stack([st(s.next_tok, len(s.cached)) for st, s in zip(steps, live)])
+        if mode == "fused":  # every sequence's token in one call of the CPU kernels (weights read once)
+            from edgeinfer.kernels import cpu_step
+
+            toks, pos = [s.next_tok for s in live], [len(s.cached) for s in live]
+            logits = steps[0](toks[0], pos[0])[None] if len(live) == 1 else \
+                torch.cat([cpu_step.batch(steps[i:i + cpu_step.MAX_ROWS], toks[i:i + cpu_step.MAX_ROWS],
+                                          pos[i:i + cpu_step.MAX_ROWS]) for i in range(0, len(live), cpu_step.MAX_ROWS)])
         else:
             ids = torch.tensor([[s.next_tok] for s in live], device=self.backend.device)  # [B, 1]
             rows = [(s.seq, len(s.cached)) for s in live]
@@ -343,11 +348,11 @@ class TorchEngine(Engine):
             self._sampled(s, lg)
 
     def _choose(self, b: int) -> str:
-        """How to decode ``b`` sequences that all have a fused step: "fused" (one step per sequence:
-        no Python per op, but the weights read b times) or "rows" (one batched forward_rows: weights
-        read once, ~1,500 torch ops). Which is faster depends on the model's size and the machine,
-        so both are timed as the engine runs and the faster is used; the other is re-timed every
-        :data:`RETIME` steps. One sequence: always fused."""
+        """How to decode ``b`` sequences that all have a fused step: "fused" (one batched call of the
+        fused step: the weights read once, no Python per op; routed experts row by row) or "rows"
+        (one batched forward_rows: ~1,500 torch ops). Which is faster depends on the model and the
+        machine, so both are timed as the engine runs and the faster is used; the other is re-timed
+        every :data:`RETIME` steps. One sequence: always fused."""
         if b == 1:
             return "fused"
         t = self._timing.setdefault(b, {"fused": None, "rows": None, "n": 0})
