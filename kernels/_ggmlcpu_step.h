@@ -287,9 +287,10 @@ EG_API int64_t eg_step_scratch_batch(const eg_model *m, int B) {
  * Rows of one sequence at consecutive positions (ms[b] all the same) are causal: row b's K/V enter the
  * cache before row b + 1 attends (a speculative verification pass).
  * scratch: eg_step_scratch_batch(ms[0], B) floats; ple_in: [B][n_layer][ple_dim] per-layer inputs, or
- * NULL (each row reads ms[b]->ple_in). Returns 0, or -1 (out of memory / bad pos). */
+ * NULL (each row reads ms[b]->ple_in); head_rows: the last rows whose logits are computed (a prompt
+ * chunk needs none or one), logits [head_rows][vocab]. Returns 0, or -1 (out of memory / bad pos). */
 EG_API int eg_step_batch(const eg_model *const *ms, int B, float *h, const int *pos, float *logits, int nth,
-                         float *scratch, const float *ple_in) {
+                         float *scratch, const float *ple_in, int head_rows) {
     const eg_model *m = ms[0];
     for (int b = 0; b < B; ++b)
         if (pos[b] < 0 || pos[b] >= ms[b]->n_ctx) return -1;
@@ -363,11 +364,12 @@ EG_API int eg_step_batch(const eg_model *const *ms, int B, float *h, const int *
         if (L->out_scale != 1.f)
             for (int64_t i = 0; i < (int64_t)B * dim; ++i) h[i] *= L->out_scale;
     }
-    for (int b = 0; b < B; ++b) rms_norm(ROW(h, dim, b), m->out_norm, dim, m->eps, ROW(xn, dim, b));
-    gemm_x(&m->out, 1, xn, B, dim, logits, m->vocab, nth);
+    int hr = head_rows < B ? (head_rows > 0 ? head_rows : 0) : B;
+    for (int b = B - hr; b < B; ++b) rms_norm(ROW(h, dim, b), m->out_norm, dim, m->eps, ROW(xn, dim, b));
+    if (hr) gemm_x(&m->out, 1, ROW(xn, dim, B - hr), hr, dim, logits, m->vocab, nth);
 #undef ROW
     if (m->softcap > 0.f)
-        for (int64_t i = 0; i < (int64_t)B * m->vocab; ++i) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
+        for (int64_t i = 0; i < (int64_t)hr * m->vocab; ++i) logits[i] = tanhf(logits[i] / m->softcap) * m->softcap;
     pthread_mutex_unlock(&call_mu);
     return 0;
 }
@@ -376,5 +378,5 @@ EG_API int64_t eg_step_scratch(const eg_model *m) { return eg_step_scratch_batch
 
 /* One token at position pos (eg_step_batch with one row, the model's own scratch). */
 EG_API int eg_step(const eg_model *m, float *h, int pos, float *logits, int nth) {
-    return eg_step_batch(&m, 1, h, &pos, logits, nth, m->scratch, NULL);
+    return eg_step_batch(&m, 1, h, &pos, logits, nth, m->scratch, NULL, 1);
 }

@@ -367,21 +367,22 @@ class DecodeStep:
         """Whether :meth:`rows` takes ``n`` tokens (not where a KV-shared layer reads a ring buffer)."""
         return 1 <= n <= self.MAX_ROWS and (n == 1 or not self.shared_ring)
 
-    def rows(self, toks: list[int], pos0: int) -> torch.Tensor:
-        """Logits [B, vocab] of tokens ``toks`` of this sequence at positions ``pos0 ..`` in one batched
-        step (causal: each row attends to the rows before it): a speculative verification pass."""
-        return batch([self] * len(toks), toks, list(range(pos0, pos0 + len(toks))))
+    def rows(self, toks: list[int], pos0: int, head_rows: int | None = None) -> torch.Tensor:
+        """Logits [B or head_rows, vocab] of tokens ``toks`` of this sequence at positions ``pos0 ..`` in
+        one batched step (causal: each row attends to the rows before it): a speculative verification
+        pass, or a prompt chunk (``head_rows=1``: the last row's logits only)."""
+        return batch([self] * len(toks), toks, list(range(pos0, pos0 + len(toks))), head_rows)
 
 
 MAX_ROWS = DecodeStep.MAX_ROWS
 
 
 @torch.inference_mode()
-def batch(steps: list[DecodeStep], toks: list[int], positions: list[int]) -> torch.Tensor:
+def batch(steps: list[DecodeStep], toks: list[int], positions: list[int], head_rows: int | None = None) -> torch.Tensor:
     """One batched call of the fused step: row b is token ``toks[b]`` at ``positions[b]`` of the sequence
     of ``steps[b]`` (steps of one model: different sequences, or the same step repeated at consecutive
     positions). Every product reads the weights once for all rows; each row's logits equal what its own
-    step would give. Returns logits [B, vocab] float32."""
+    step would give. Returns logits [head_rows, vocab] float32 of the last ``head_rows`` rows (None: all)."""
     s0, b = steps[0], len(steps)
     if not 0 < b <= MAX_ROWS or len(toks) != b or len(positions) != b:
         raise ValueError(f"a batched step takes 1..{MAX_ROWS} rows (got {b} steps, {len(toks)} tokens)")
@@ -404,9 +405,10 @@ def batch(steps: list[DecodeStep], toks: list[int], positions: list[int]) -> tor
         scratch = s0._scratch[b] = torch.empty(n, dtype=torch.float32)
     ms = (ctypes.c_void_p * b)(*(ctypes.addressof(st.struct) for st in steps))
     pos = (ctypes.c_int * b)(*positions)
-    logits = torch.empty(b, s0.vocab, dtype=torch.float32)
+    hr = b if head_rows is None else max(0, min(b, head_rows))
+    logits = torch.empty(hr, s0.vocab, dtype=torch.float32)
     rc = ggml_cpu.LIB.eg_step_batch(ms, b, h.data_ptr(), pos, logits.data_ptr(), ggml_cpu.threads(),
-                                    scratch.data_ptr(), None if ple is None else ple.data_ptr())
+                                    scratch.data_ptr(), None if ple is None else ple.data_ptr(), hr)
     if rc != 0:
         raise RuntimeError("the fused decode step failed (out of memory?)")
     return logits

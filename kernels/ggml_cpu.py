@@ -127,7 +127,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.eg_step_scratch_batch.restype = i64
     lib.eg_step_scratch_batch.argtypes = [p, ctypes.c_int]
     lib.eg_step_batch.restype = ctypes.c_int
-    lib.eg_step_batch.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_int, p, p]
+    lib.eg_step_batch.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_int, p, p, ctypes.c_int]
     del i32
     isa = lib.eg_init(os.environ.get("EDGEINFER_ISA", "").encode()).decode()
     return lib, isa

@@ -295,6 +295,9 @@ def test_batched_rows_of_one_sequence_are_causal_and_equal_single_steps(default_
     print(f"batched rows of one sequence ({len(ids) - 5}) vs single steps: max |diff| "
           f"{float((rows - single).abs().max()):.3g}")
     assert torch.equal(rows, single)
+    with torch.inference_mode():
+        default_model(torch.tensor([ids[:5]]), 0)
+        assert torch.equal(step.rows(ids[5:], 5, head_rows=2), single[-2:])  # the head of the last rows only
     with pytest.raises(ValueError):
         step.rows(list(range(100, 100 + cpu_step.MAX_ROWS + 1)), 0)
 

@@ -140,7 +140,7 @@ class ModelDrafter:
         if len(ids) == 1 and self.step is not None:
             return self.step(ids[0], pos)
         if self.step is not None and self.step.can_rows(len(ids)):  # catching up a few tokens: one batched step
-            return self.step.rows(ids, pos)[-1]
+            return self.step.rows(ids, pos, head_rows=1)[-1]
         return self.model(torch.tensor([ids], device=self.device), pos, last_only=True)[0, -1]
 
     def propose(self, context: list[int], k: int, sampler: Sampler, history: Sequence[int]):
@@ -280,7 +280,7 @@ class Speculator:
                 r.mark(len(context))
             rows = todo + list(drafts)
             if self.target_step is not None and self.target_step.can_rows(len(rows)):
-                logits = self.target_step.rows(rows, n)[-(len(drafts) + 1):]
+                logits = self.target_step.rows(rows, n, head_rows=len(drafts) + 1)
             else:
                 logits = model(torch.tensor([rows], device=dev), n, keep_last=len(drafts) + 1)[0]
             out = verify(logits, drafts, qs, sampler, history)
