@@ -201,8 +201,14 @@ static inline void group_scalar(int type, const uint8_t *row, int g, uint8_t *c,
 
 /* ------------------------------------------------------------------------ activation quantization */
 
+/* The activation buffers of a product (sized by xbuf_for, used under call_mu): the int8 groups, and
+ * per group its scale d (xd_buf) and d * (sum of its codes) (xs_buf) side by side in group order, so
+ * the kernels load 8 groups' scales as one vector. */
+static eg_q8 *xq_buf;
+static float *xd_buf, *xs_buf;
+
 /* x [M][K] float -> xq [M][K/32]: d = max|x| / 127, q = nearest-even(x / d) (the reference's rounding). */
-static void quantize_rows(const float *x, int64_t M, int K, int64_t ldx, eg_q8 *xq) {
+static void quantize_rows(const float *x, int64_t M, int K, int64_t ldx, eg_q8 *xq, float *xd, float *xs) {
     int ng = K / 32;
     for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * ldx;
@@ -221,6 +227,10 @@ static void quantize_rows(const float *x, int64_t M, int K, int64_t ldx, eg_q8 *
             o->d = d;
             o->ds0 = d * (float)s0;
             o->ds1 = d * (float)s1;
+            if (xd) {
+                xd[m * ng + g] = d;
+                xs[m * ng + g] = o->ds0 + o->ds1;
+            }
         }
     }
 }
@@ -630,7 +640,6 @@ static void gemm_task(void *vctx, int ith, int nth) {
     }
 }
 
-static eg_q8 *xq_buf;
 static eg_q8k *xk_buf;
 static int64_t xq_cap, xk_cap;
 
@@ -639,7 +648,15 @@ static int xbuf_for(int64_t M, int k) {
     int64_t g = M * (k / 32), b = M * (k / 256);
     if (g > xq_cap) {
         free(xq_buf);
+        free(xd_buf);
+        free(xs_buf);
         xq_buf = (eg_q8 *)malloc(sizeof(eg_q8) * g);
+        xd_buf = (float *)malloc(sizeof(float) * g);
+        xs_buf = (float *)malloc(sizeof(float) * g);
+        if (!xq_buf || !xd_buf || !xs_buf) {
+            free(xq_buf), free(xd_buf), free(xs_buf);
+            xq_buf = NULL, xd_buf = xs_buf = NULL;
+        }
         xq_cap = xq_buf ? g : 0;
     }
     if (b > xk_cap) {
@@ -661,7 +678,7 @@ static void gemm_xm(const eg_mat *mats, int nmat, const float *x, int M, int64_t
         if (block_elems(mats[i].type) == 256) want256 = 1;
         else want32 = 1;
     }
-    if (want32) quantize_rows(x, M, k, ldx, xq_buf);
+    if (want32) quantize_rows(x, M, k, ldx, xq_buf, xd_buf, xs_buf);
     if (want256) quantize_rows_k(x, M, k, ldx, xk_buf);
     gemm_job j = {mats, nmat, xq_buf, xk_buf, x, ldx, M, per_mat, y, ldy, 0};
     for (int i = 0; i < nmat; ++i) j.total += mats[i].n;
@@ -723,7 +740,7 @@ EG_API int eg_dequant(const eg_mat *w, int r0, int r1, void *out, int bf16, int 
 }
 
 /* The activation quantization alone (for the reference tests). */
-EG_API void eg_quantize(const float *x, int64_t M, int K, eg_q8 *xq) { quantize_rows(x, M, K, K, xq); }
+EG_API void eg_quantize(const float *x, int64_t M, int K, eg_q8 *xq) { quantize_rows(x, M, K, K, xq, NULL, NULL); }
 EG_API void eg_quantize_k(const float *x, int64_t M, int K, eg_q8k *xk) { quantize_rows_k(x, M, K, K, xk); }
 
 EG_API const char *eg_isa(void) { return ISA; }

@@ -102,13 +102,56 @@ AI float F(hsum)(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* mt (1..4) activation rows xr[t * ng ..] against one weight row: y[t * ldy]. */
+/* The 8 int32x8 vectors p[0..7] -> one vector of their 8 lane sums (lane i = sum of p[i]). */
+AI __m256i F(sum8)(const __m256i *p) {
+    __m256i t0 = _mm256_hadd_epi32(p[0], p[1]), t1 = _mm256_hadd_epi32(p[2], p[3]);
+    __m256i t2 = _mm256_hadd_epi32(p[4], p[5]), t3 = _mm256_hadd_epi32(p[6], p[7]);
+    __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* mt (1..4) activation rows xr[t * ng ..] against one weight row: y[t * ldy].
+ * The 32-value types go 8 groups at a time: the 8 groups' codes and scales are decoded once, and per
+ * activation row the 8 integer dot products are reduced into one vector of group sums, scaled by the
+ * weight scales times the activation scales (xd_buf, contiguous per row) in one float step, and the
+ * offsets (b * activation sums, xs_buf) in another -- a handful of vector ops per row per 256 weights
+ * instead of a float step per group. The remaining groups (k not a multiple of 256) go one by one. */
 AI void F(tile)(const int type, const int mt, const uint8_t *row, const eg_q8 *xr, int ng, float *y, int64_t ldy) {
     const int gpb = type >= T_Q4_K ? 8 : 1, bsz = type_bytes(type);
     __m256 acc[4];
     float off[4];
     for (int t = 0; t < mt; ++t) { acc[t] = _mm256_setzero_ps(); off[t] = 0.f; }
-    for (int ib = 0; ib < ng / gpb; ++ib) {
+    int ib0 = 0;
+    if (gpb == 1 && xd_buf) {
+        __m256 accb[4];
+        for (int t = 0; t < mt; ++t) accb[t] = _mm256_setzero_ps();
+        for (; ib0 + 8 <= ng; ib0 += 8) {
+            float a[8], b[8], u0[8], u1[8];
+            __m256i c[8], cu[8];
+            for (int i = 0; i < 8; ++i) {
+                const uint8_t *blk = row + (int64_t)(ib0 + i) * bsz;
+                F(scales)(type, blk, a + i, u0 + i, b + i, u1 + i);
+                c[i] = F(codes)(type, blk, 0);
+                cu[i] = type == T_Q8_0 ? _mm256_sign_epi8(c[i], c[i]) : c[i];
+            }
+            const __m256 A = _mm256_loadu_ps(a), Bv = _mm256_loadu_ps(b);
+            for (int t = 0; t < mt; ++t) {
+                const eg_q8 *xb = xr + (int64_t)t * ng + ib0;
+                __m256i p[8];
+                for (int i = 0; i < 8; ++i) {
+                    __m256i x = _mm256_loadu_si256((const __m256i *)xb[i].q);
+                    if (type == T_Q8_0) x = _mm256_sign_epi8(x, c[i]);
+                    p[i] = DOT(cu[i], x);
+                }
+                const int64_t at = xb - xq_buf;
+                __m256 sd = _mm256_mul_ps(A, _mm256_loadu_ps(xd_buf + at));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F(sum8)(p)), sd, acc[t]);
+                if (type != T_Q8_0) accb[t] = _mm256_fmadd_ps(Bv, _mm256_loadu_ps(xs_buf + at), accb[t]);
+            }
+        }
+        for (int t = 0; t < mt; ++t) acc[t] = _mm256_add_ps(acc[t], accb[t]);
+    }
+    for (int ib = ib0; ib < ng / gpb; ++ib) {
         const uint8_t *blk = row + (int64_t)ib * bsz;
         float a0[8], a1[8], b0[8], b1[8];
         F(scales)(type, blk, a0, a1, b0, b1);
