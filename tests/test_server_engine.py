@@ -105,25 +105,6 @@ def test_batched_fused_step_equals_each_sequence_alone(torch_default):
     assert torch.equal(again, torch.stack([st(t, len(p) + 1) for st, t, p in zip(steps, nxt, prompts)]))
 
 
-def test_decode_mode_follows_the_measured_times():
-    """Several sequences with fused steps: both modes are timed, the faster one used, the other re-timed."""
-    from edgeinfer.server.engines import RETIME, TorchEngine
-
-    e = object.__new__(TorchEngine)
-    e._timing = {}
-    assert e._choose(1) == "fused"
-    assert e._choose(4) == "fused"  # untimed modes first
-    e._timed(4, "fused", 0.030)
-    assert e._choose(4) == "rows"
-    e._timed(4, "rows", 0.010)
-    picks = [e._choose(4) for _ in range(3 * RETIME)]
-    assert picks.count("fused") == 3 and picks.count("rows") == 3 * RETIME - 3  # re-timed every RETIME steps
-    for _ in range(10):  # rows gets slower (say, longer contexts): the choice follows
-        e._timed(4, "rows", 0.050)
-    assert e._choose(4) == "fused"
-    assert e._choose(2) == "fused"  # each batch size has its own figures
-
-
 # -- the pool with a fake engine -------------------------------------------------------------------
 class FakeEngine:
     kind = "fake"

@@ -50,7 +50,7 @@ def test_torch_greedy_equals_run_for_both_apis(srv, oracle):
 
 
 def test_torch_two_requests_batched_give_the_sequential_text(srv, oracle):
-    """Two greedy requests running together (one forward_rows per step) each give the text run alone gives."""
+    """Two greedy requests running together (one batched fused step per step) each give the text run alone gives."""
     oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
     out: dict = {}
 

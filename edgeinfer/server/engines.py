@@ -6,8 +6,10 @@
   ``llama_decode`` per step. A runner crash fails the requests in flight
   (:class:`~edgeinfer.errors.BackendCrashedError`); the next request starts a fresh runner.
 * :class:`TorchEngine`: a :class:`~edgeinfer.backends.torch_engine.TorchBackend` driven by one
-  scheduler thread: new prompts are prefilled one by one into their own cache set, then one
-  :meth:`~edgeinfer.models.base.Transformer.forward_rows` decodes a token of every running sequence.
+  scheduler thread: new prompts are prefilled one by one into their own cache set, then one batched
+  call of the fused CPU step (:func:`edgeinfer.kernels.cpu_step.batch`) decodes a token of every
+  running sequence -- or, for models it does not cover and on GPUs, one
+  :meth:`~edgeinfer.models.base.Transformer.forward_rows`.
 
 Both turn token ids into events with :func:`edgeinfer.generation.stream_events`, exactly as
 ``edgeinfer run`` does, so the same tokens give the same text.
@@ -192,8 +194,6 @@ class LlamaEngine(Engine):
 
 
 _END = object()
-#: TorchEngine._choose: steps between re-timings of the decode mode not in use
-RETIME = 64
 
 
 @dataclass
@@ -235,7 +235,6 @@ class TorchEngine(Engine):
         self.reuse_prefix = self.backend._reuse_prefix
         self.seqs = [_Seq(i) for i in range(self.parallel)]
         self._steps: dict = {}  # seq -> its fused decode step (built on first use)
-        self._timing: dict = {}  # live sequences -> seconds per step of each decode mode (_choose)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name=f"torch-engine-{name}", daemon=True)
@@ -327,9 +326,10 @@ class TorchEngine(Engine):
         if not live:
             return
         steps = [self._fused_step(s.seq) for s in live]
-        mode = "rows" if None in steps else self._choose(len(live))
-        t0 = time.perf_counter()
-        if mode == "fused":  # every sequence's token in one call of the CPU kernels (weights read once)
+        if None not in steps:
+            # every sequence's token in one call of the CPU kernels: the weights read once, no torch op
+            # per layer, and each row's logits exactly its sequence's own step (the text a request gets
+            # does not depend on the requests beside it)
             from edgeinfer.kernels import cpu_step
 
             toks, pos = [s.next_tok for s in live], [len(s.cached) for s in live]
@@ -341,33 +341,9 @@ class TorchEngine(Engine):
             rows = [(s.seq, len(s.cached)) for s in live]
             logits = self.model.forward_rows(ids, rows) if len(live) > 1 else \
                 self.model(ids, rows[0][1], last_only=True, seq=live[0].seq)[:, -1]  # [B, V]
-        if mode == "fused" or len(live) > 1:
-            self._timed(len(live), mode, time.perf_counter() - t0)
         for s, lg in zip(live, logits):
             s.cached.append(s.next_tok)
             self._sampled(s, lg)
-
-    def _choose(self, b: int) -> str:
-        """How to decode ``b`` sequences that all have a fused step: "fused" (one batched call of the
-        fused step: the weights read once, no Python per op; routed experts row by row) or "rows"
-        (one batched forward_rows: ~1,500 torch ops). Which is faster depends on the model and the
-        machine, so both are timed as the engine runs and the faster is used; the other is re-timed
-        every :data:`RETIME` steps. One sequence: always fused."""
-        if b == 1:
-            return "fused"
-        t = self._timing.setdefault(b, {"fused": None, "rows": None, "n": 0})
-        t["n"] += 1
-        for m in ("fused", "rows"):
-            if t[m] is None:
-                return m
-        best = min(("fused", "rows"), key=lambda m: t[m])
-        if t["n"] % RETIME == 0:
-            return "rows" if best == "fused" else "fused"
-        return best
-
-    def _timed(self, b: int, mode: str, dt: float) -> None:
-        t = self._timing.setdefault(b, {"fused": None, "rows": None, "n": 0})
-        t[mode] = dt if t[mode] is None else 0.75 * t[mode] + 0.25 * dt
 
     def _fused_step(self, seq: int):
         """The fused CPU decode step over sequence ``seq``'s caches (kernels/cpu_step.py), or None
