@@ -184,7 +184,10 @@ AI void F(rows_t)(const int type, const eg_mat *w, const eg_q8 *xq, int M, float
         const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
         int m0 = 0;
         for (; m0 + 4 <= M; m0 += 4) F(tile)(type, 4, row, xq + (int64_t)m0 * ng, ng, y + m0 * ldy + r, ldy);
-        for (; m0 < M; ++m0) F(tile)(type, 1, row, xq + (int64_t)m0 * ng, ng, y + m0 * ldy + r, ldy);
+        /* the last 1..3 rows in one pass too (each weight row decoded once per call up to 4 rows) */
+        if (M - m0 == 3) F(tile)(type, 3, row, xq + (int64_t)m0 * ng, ng, y + m0 * ldy + r, ldy);
+        else if (M - m0 == 2) F(tile)(type, 2, row, xq + (int64_t)m0 * ng, ng, y + m0 * ldy + r, ldy);
+        else if (M - m0 == 1) F(tile)(type, 1, row, xq + (int64_t)m0 * ng, ng, y + m0 * ldy + r, ldy);
     }
 }
 
@@ -254,7 +257,9 @@ AI void F(rows_kt)(const int type, const eg_mat *w, const eg_q8k *xk, int M, flo
         const uint8_t *row = w->data + (int64_t)r * w->row_bytes;
         int m0 = 0;
         for (; m0 + 4 <= M; m0 += 4) F(tile_k)(type, 4, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
-        for (; m0 < M; ++m0) F(tile_k)(type, 1, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
+        if (M - m0 == 3) F(tile_k)(type, 3, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
+        else if (M - m0 == 2) F(tile_k)(type, 2, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
+        else if (M - m0 == 1) F(tile_k)(type, 1, row, xk + (int64_t)m0 * nb, nb, y + m0 * ldy + r, ldy);
     }
 }
 
