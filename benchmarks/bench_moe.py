@@ -72,7 +72,7 @@ def decode_rates(path, threads: int, device: str, n_cpu_moe: int, prompt: int, g
         model(torch.tensor([ids], device=dev), 0, last_only=True)
         t = time.perf_counter()
         for i, tok in enumerate(steps):
-            model(torch.tensor([[tok]], device=dev), len(ids) + i, last_only=True)
+            tb.decode(tok, len(ids) + i)  # the backend's step: the fused CPU step where the model allows
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return len(steps) / (time.perf_counter() - t)

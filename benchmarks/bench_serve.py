@@ -112,6 +112,11 @@ def main() -> None:
          "--parallel", str(args.clients), "--ctx", "1024", "--backend", args.backend], env=env, stderr=subprocess.DEVNULL),
         f"http://127.0.0.1:{port}", "default")
     if not args.no_llama_server:
+        try:
+            import llama_cpp.server.app  # noqa: F401 -- its extras are installed for this benchmark only
+        except ImportError as e:
+            raise SystemExit(f"llama_cpp.server cannot start ({e}): pip install sse-starlette starlette-context "
+                             "pydantic-settings fastapi, or pass --no-llama-server")
         port2 = free_port()
         procs["llama_cpp.server"] = (subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--port", str(port2), "--n_threads",

@@ -315,8 +315,10 @@ class DecodeStep:
         emb = m.token_embd
         self.embed_mat = None
         if type(emb) is QuantEmbedding and ggml_cpu.can_run(emb.qtype, emb.raw.shape[0], emb.dim) \
-                and emb.raw.stride(1) == 1:
-            self.embed_mat = ggml_cpu.mat(emb.raw, emb.qtype, emb.raw.shape[0], emb.dim)
+                and emb.raw.dim() == 2 and emb.raw.is_contiguous() and emb.raw.device.type == "cpu":
+            raw = emb.raw if emb.raw.dtype == torch.uint8 else emb.raw.view(torch.uint8)  # F16/F32 rows as bytes
+            keep.append(raw)
+            self.embed_mat = ggml_cpu.mat(raw, emb.qtype, raw.shape[0], emb.dim)
         self.embed_scale = float(m.args.embed_scale)
         self.vocab, self.dim = s.vocab, s.dim
 

@@ -165,11 +165,6 @@ class TorchBackend(LlamaCppVocab):
         if self._reuse_prefix:
             while start < min(len(self._cached), len(tokens) - 1) and self._cached[start] == tokens[start]:
                 start += 1
-        if self.speculator is not None:
-            self._cached = tokens[:start]
-            self._prompt_logits = None  # the speculator's verification writes past the prompt
-            yield from self.speculator.tokens(tokens, self._cached, sampler)
-            return
         history: list[int] = []  # like llama-cpp-python: the penalty window sees generated tokens only
         last = self._prompt_logits
         if self._reuse_prefix and last is not None and last[0] == tokens and self._cached[:len(tokens)] == tokens:
@@ -182,6 +177,9 @@ class TorchBackend(LlamaCppVocab):
             logits = self.model(torch.tensor([tokens[start:]], device=self.device), start, last_only=True)[0, -1]
             self._prompt_logits = (list(tokens), logits)
         self._cached = list(tokens)
+        if self.speculator is not None:  # the prompt prefilled as above; the speculator goes on from its logits
+            yield from self.speculator.tokens(tokens, self._cached, sampler, first_logits=logits)
+            return
         pos = len(tokens)
         while True:
             tok = sampler(logits, history)

@@ -260,18 +260,33 @@ class Speculator:
         model, _ = load_model(path, device, n_ctx, h, numerics)
         return model, vocab_llm
 
-    def tokens(self, tokens: list[int], cached: list[int], sampler: Sampler) -> Iterator[int]:
-        """Generate after ``tokens``; the target's cache holds ``cached`` (a prefix of ``tokens``,
-        shorter than it), and ``cached`` is kept equal to what it holds as tokens are accepted."""
+    def tokens(self, tokens: list[int], cached: list[int], sampler: Sampler,
+               first_logits: torch.Tensor | None = None) -> Iterator[int]:
+        """Generate after ``tokens``; the target's cache holds ``cached`` (a prefix of ``tokens``),
+        and ``cached`` is kept equal to what it holds as tokens are accepted.
+
+        ``first_logits``: the prompt's last logits, when the caller prefilled the whole prompt (then
+        ``cached == tokens``) -- as plain decoding does: with the target's fused step every later pass
+        is a batched step whose rows are plain decoding's own steps, so greedy output is identical by
+        construction, not up to rounding.
+        """
         self.stats = st = SpecStats()
         model, dev, n_ctx = self.target, self.device, self.target.n_ctx
         context = list(tokens)
         history: list[int] = []  # generated tokens (the repeat penalty's window, as in plain decoding)
         while len(context) <= n_ctx:
-            k = min(self.n_draft, n_ctx - len(context))
-            drafts, qs = self.drafter.propose(context, k, sampler, history) if k > 0 else ([], None)
             n = len(cached)
             todo = context[n:]
+            if first_logits is not None:  # the prompt, prefilled by the caller: its token, no drafts
+                logits, drafts, qs, first_logits = first_logits[None], [], None, None
+                out = verify(logits, drafts, qs, sampler, history)
+                for t in out:
+                    yield t
+                    history.append(t)
+                    context.append(t)
+                continue
+            k = min(self.n_draft, n_ctx - len(context))
+            drafts, qs = self.drafter.propose(context, k, sampler, history) if k > 0 else ([], None)
             if self.window and len(todo) + len(drafts) > self.window:  # a ring logs only one window's writes
                 model(torch.tensor([todo[:-1]], device=dev), n, last_only=True)
                 cached.extend(todo[:-1])
