@@ -196,8 +196,10 @@ class LlamaCppBackend(LlamaCppVocab):
         finally:
             self._current = None
 
-    def _token_ids(self, runner: RunnerProcess, rid: int, end: dict) -> Iterator[int]:
-        """Token ids of request ``rid`` as they come; cancels the request if closed early."""
+    def _token_ids(self, runner: RunnerProcess, rid: int, end: dict, on_token=None) -> Iterator[int]:
+        """Token ids of request ``rid`` as they come; cancels the request if closed early. ``end``
+        receives the end event (and the speculative counts so far); ``on_token(msg)`` sees each token
+        event first (the server reads its log-probabilities there)."""
         finished = False
         try:
             for msg in runner.events(rid):
@@ -205,6 +207,8 @@ class LlamaCppBackend(LlamaCppVocab):
                 if ev == "tok":
                     if "spec" in msg:
                         end["spec"] = msg["spec"]  # the counts so far (the end event may go unread)
+                    if on_token is not None:
+                        on_token(msg)
                     yield int(msg["tok"])
                 elif ev == "end":
                     finished = True

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgeinfer.backend import Event, LoadOptions
-from edgeinfer.errors import BackendCrashedError, BackendError
+from edgeinfer.errors import BackendError
 from edgeinfer.generation import stream_events
 from edgeinfer.server.grammar import check_grammar
 from edgeinfer.server.request import ApiError, GenRequest
@@ -164,29 +164,11 @@ class LlamaEngine(Engine):
         yield from self._events(self._ids(runner, rid, job), prep, req, job)
 
     def _ids(self, runner, rid: int, job: Job) -> Iterator[int]:
-        from edgeinfer.backends.runner_client import RunnerDied
+        def logprobs(msg: dict) -> None:
+            if "lp" in msg:
+                job.logprobs.append(msg["lp"])
 
-        finished = False
-        try:
-            for msg in runner.events(rid):
-                ev = msg.get("ev")
-                if ev == "tok":
-                    if "lp" in msg:
-                        job.logprobs.append(msg["lp"])
-                    yield int(msg["tok"])
-                elif ev == "end":
-                    finished = True
-                    return
-                elif ev == "error":
-                    finished = True
-                    raise BackendError(f"{self.path}: llama.cpp failed while generating: {msg.get('message')}")
-        except RunnerDied as e:
-            finished = True
-            raise BackendCrashedError(self.backend.crash_message(e, "generating with")) from None
-        finally:
-            if not finished:
-                runner.cancel(rid)
-            runner.forget(rid)
+        return self.backend._token_ids(runner, rid, {}, on_token=logprobs)
 
     def memory_bytes(self) -> int:
         rss = self.backend.memory_bytes().get("rss", 0)

@@ -18,7 +18,8 @@ from typing import Any
 
 from edgeinfer.backend import DoneEvent, TokenEvent
 from edgeinfer.server.grammar import ollama_format
-from edgeinfer.server.request import GenRequest, ServeSampling, bad, expect, messages_from, number, stop_list
+from edgeinfer.server.request import (GenRequest, ServeSampling, bad, expect, messages_from, number, sampling_fields,
+                                      stop_list)
 
 DONE_REASON = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 
@@ -31,23 +32,13 @@ def _options(body: dict) -> tuple[ServeSampling, int]:
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise bad("'options' must be an object", "options")
-    p = ServeSampling()
-    for name, bound in (("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p"),
-                        ("repeat_penalty", "repeat_penalty")):
-        v = number(opts, name, bound)
-        if v is not None:
-            setattr(p, name, v)
-    for name, attr, bound in (("top_k", "top_k", "top_k"), ("seed", "seed", "seed")):
-        v = number(opts, name, bound, kind=int)
-        if v is not None:
-            setattr(p, attr, v)
+    p = sampling_fields(opts)
+    v = number(opts, "seed", "seed", kind=int)
+    if v is not None:
+        p.seed = v
     v = number(opts, "repeat_last_n", lo=-1, hi=1 << 20, kind=int)
     if v is not None:
         p.repeat_last_n = v
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = number(opts, name, lo=-2.0, hi=2.0)
-        if v is not None:
-            setattr(p, name, v)
     n = number(opts, "num_predict", lo=-2, hi=1 << 30, kind=int)
     p.max_tokens = -1 if n is None or n < 0 else max(1, n)  # -1 infinite, -2 fill the context
     p.stop = stop_list(opts.get("stop"), "options.stop")

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgeinfer.backend import DoneEvent, TokenEvent
 from edgeinfer.server.grammar import openai_response_format
-from edgeinfer.server.request import (ApiError, GenRequest, ServeSampling, bad, expect, messages_from, number,
+from edgeinfer.server.request import (ApiError, GenRequest, bad, expect, messages_from, number, sampling_fields,
                                       stop_list)
 
 FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
@@ -27,19 +27,7 @@ def _common(body: dict, chat: bool) -> GenRequest:
         raise bad("only best_of=1 is supported", "best_of")
     if body.get("tools") or body.get("functions"):
         raise bad("tools / function calling are not supported by edgeinfer serve", "tools")
-    p = ServeSampling()
-    for name, bound in (("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p"),
-                        ("repeat_penalty", "repeat_penalty")):
-        v = number(body, name, bound)
-        if v is not None:
-            setattr(p, name, v)
-    v = number(body, "top_k", "top_k", kind=int)
-    if v is not None:
-        p.top_k = v
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = number(body, name, lo=-2.0, hi=2.0)
-        if v is not None:
-            setattr(p, name, v)
+    p = sampling_fields(body)
     mt = number(body, "max_completion_tokens", "max_tokens", kind=int) if chat else None
     if mt is None:
         mt = number(body, "max_tokens", "max_tokens", kind=int)

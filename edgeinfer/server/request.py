@@ -87,6 +87,24 @@ def number(body: dict, name: str, bound: str | None = None, lo: float | None = N
     return v
 
 
+def sampling_fields(src: dict) -> ServeSampling:
+    """The sampling fields both APIs share, checked and read from ``src`` (an OpenAI body, or an Ollama
+    body's ``options``): temperature, top_p, min_p, repeat_penalty, top_k, presence/frequency penalty."""
+    p = ServeSampling()
+    for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        v = number(src, name, name)
+        if v is not None:
+            setattr(p, name, v)
+    v = number(src, "top_k", "top_k", kind=int)
+    if v is not None:
+        p.top_k = v
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = number(src, name, lo=-2.0, hi=2.0)
+        if v is not None:
+            setattr(p, name, v)
+    return p
+
+
 def stop_list(v: Any, param: str = "stop", limit: int = 16) -> tuple[str, ...]:
     """A ``stop`` field (a string or a list of strings) -> a tuple."""
     if v is None:
