@@ -381,6 +381,16 @@ static void rows_f_scalar(const eg_mat *w, const float *x, int M, int64_t ldx, f
     }
 }
 
+static float dotf_scalar(const float *a, const float *b, int n) {
+    float d = 0.f;
+    for (int i = 0; i < n; ++i) d += a[i] * b[i];
+    return d;
+}
+
+static void axpyf_scalar(float *o, const float *v, float p, int n) {
+    for (int i = 0; i < n; ++i) o[i] += p * v[i];
+}
+
 static inline uint16_t to_bf16(float f) {
     uint32_t b;
     memcpy(&b, &f, 4);
@@ -555,6 +565,8 @@ static void run(task_fn fn, void *ctx, int nth) {
 static rows_fn ROWS = rows_scalar;
 static rows_k_fn ROWS_K = rows_k_scalar;
 static rows_f_fn ROWS_F = rows_f_scalar;
+static float (*DOTF)(const float *, const float *, int) = dotf_scalar;     /* the fused step's attention */
+static void (*AXPYF)(float *, const float *, float, int) = axpyf_scalar;
 static dequant_fn DEQUANT = dequant_scalar;
 static const char *ISA = "scalar";
 
@@ -577,10 +589,12 @@ EG_API const char *eg_init(const char *want) {
     ROWS = rows_scalar;
     ROWS_K = rows_k_scalar;
     ROWS_F = rows_f_scalar;
+    DOTF = dotf_scalar;
+    AXPYF = axpyf_scalar;
     DEQUANT = dequant_scalar;
     ISA = "scalar";
 #if EG_X86
-    if (lvl >= 1) ROWS_F = rows_f_avx2; /* float rows: AVX2 + FMA + F16C on both */
+    if (lvl >= 1) ROWS_F = rows_f_avx2, DOTF = dotf_avx2, AXPYF = axpyf_avx2; /* floats: AVX2 + FMA on both */
     if (lvl == 1) { ROWS = rows_avx2; ROWS_K = rows_k_avx2; DEQUANT = dequant_avx2; ISA = "avx2"; }
     if (lvl == 2) { ROWS = rows_vnni; ROWS_K = rows_k_vnni; DEQUANT = dequant_vnni; ISA = "avx512-vnni"; }
 #endif

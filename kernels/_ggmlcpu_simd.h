@@ -309,6 +309,27 @@ static __attribute__((unused)) void F(rows_f)(const eg_mat *w, const float *x, i
     else F(rows_ft)(0, w, x, M, ldx, y, ldy, r0, r1);
 }
 
+/* Attention's float vectors (the fused step): q . k over n, and o += p * v. */
+static __attribute__((unused)) float F(dotf)(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float d = F(hsum)(_mm256_add_ps(s0, s1));
+    for (; i < n; ++i) d += a[i] * b[i];
+    return d;
+}
+
+static __attribute__((unused)) void F(axpyf)(float *o, const float *v, float p, int n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+    for (; i < n; ++i) o[i] += p * v[i];
+}
+
 /* 8 floats -> 8 bfloat16 (round to nearest even) at o */
 AI void F(store_bf16)(uint16_t *o, __m256 v) {
     __m256i b = _mm256_castps_si256(v);

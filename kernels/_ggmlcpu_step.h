@@ -126,21 +126,14 @@ static void attn_task(void *vctx, int ith, int nth) {
         const float *V = L->vc + ((int64_t)(h / g) * size + j->first) * hd;
         float *sc = j->scores + (int64_t)h * size, mx = -INFINITY;
         for (int t = 0; t < n; ++t) {
-            const float *k = K + (int64_t)t * hd;
-            float d = 0.f;
-            for (int i = 0; i < hd; ++i) d += q[i] * k[i];
-            sc[t] = d * L->attn_scale;
+            sc[t] = DOTF(q, K + (int64_t)t * hd, hd) * L->attn_scale;
             mx = sc[t] > mx ? sc[t] : mx;
         }
         float sum = 0.f;
         for (int t = 0; t < n; ++t) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
         float inv = 1.f / sum, *o = j->out + (int64_t)h * hd;
         for (int i = 0; i < hd; ++i) o[i] = 0.f;
-        for (int t = 0; t < n; ++t) {
-            const float *v = V + (int64_t)t * hd;
-            float p = sc[t] * inv;
-            for (int i = 0; i < hd; ++i) o[i] += p * v[i];
-        }
+        for (int t = 0; t < n; ++t) AXPYF(o, V + (int64_t)t * hd, sc[t] * inv, hd);
     }
 }
 
