@@ -70,18 +70,6 @@ typedef struct {
 
 static int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* The largest activation row any product of the step reads (the quantization buffers' size). */
-static int64_t step_max_k(const eg_model *m) {
-    int64_t k = m->dim;
-    for (int l = 0; l < m->n_layer; ++l) {
-        const eg_layer *L = &m->layers[l];
-        k = imax(k, imax((int64_t)L->n_head * L->head_dim, L->ffn));
-        if (L->moe) k = imax(k, imax((int64_t)L->moe->top_k * L->moe->ffn, L->moe->sh_ffn));
-        if (L->ple) k = imax(k, L->ple_gate.n);
-    }
-    return k;
-}
-
 static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
     double s = 0.0;
     for (int i = 0; i < n; ++i) s += (double)x[i] * x[i];
@@ -172,13 +160,17 @@ static void attention_row(const eg_model *m, const eg_layer *L, int pos, float *
     run(attn_task, &aj, (int64_t)L->n_head * n * hd < 65536 ? 1 : nth);
 }
 
-/* A gated MLP on x (gate and up side by side in gu): y = down(act(gate x) * up x). */
-static void mlp(const eg_mat *gate, const eg_mat *up, const eg_mat *down, int ffn, int act, const float *x, float *gu,
-                float *y, int nth) {
+/* A gated MLP on B rows of x [B][ldx] (gate and up side by side in gu [B][ldg]):
+ * y [B][ldy] = down(act(gate x) * up x). */
+static void mlp(const eg_mat *gate, const eg_mat *up, const eg_mat *down, int ffn, int act, const float *x, int B,
+                int64_t ldx, float *gu, int64_t ldg, float *y, int64_t ldy, int nth) {
     eg_mat gate_up[2] = {*gate, *up};
-    linear1(gate_up, 2, x, gu, nth);
-    for (int i = 0; i < ffn; ++i) gu[i] = act_fn(act, gu[i]) * gu[ffn + i];
-    linear1(down, 1, gu, y, nth);
+    gemm_x(gate_up, 2, x, B, ldx, gu, ldg, nth);
+    for (int b = 0; b < B; ++b) {
+        float *g = gu + (int64_t)b * ldg;
+        for (int i = 0; i < ffn; ++i) g[i] = act_fn(act, g[i]) * g[ffn + i];
+    }
+    gemm_x(down, 1, gu, B, ldg, y, ldy, nth);
 }
 
 /* The routed experts of M on x (router input xr) -> e [dim]. */
@@ -234,7 +226,7 @@ static void moe(const eg_model *m, const eg_moe *M, const float *xr, const float
         for (int i = 0; i < dim; ++i) e[i] += ex[(int64_t)j * dim + i] * w[j];
     if (M->sh_ffn) {
         float *s = ex; /* [dim] */
-        mlp(&M->sh_gate, &M->sh_up, &M->sh_down, M->sh_ffn, M->act, x, gu, s, nth);
+        mlp(&M->sh_gate, &M->sh_up, &M->sh_down, M->sh_ffn, M->act, x, 1, dim, gu, 0, s, 0, nth);
         float gate = 1.f;
         if (M->sh_gated) {
             linear1(&M->sh_gate_inp, 1, x, gu, nth);
@@ -245,23 +237,29 @@ static void moe(const eg_model *m, const eg_moe *M, const float *xr, const float
 }
 
 /* Per-row buffer sizes of the step (floats): q/k/v, attention output, scores (one row at a time),
- * gate/up, the experts' outputs (one row at a time). */
-typedef struct { int64_t qn, an, sn, gn, exn; } step_sizes;
+ * gate/up, the experts' outputs (one row at a time); k: the longest activation row any product
+ * reads (the quantization buffers' size). */
+typedef struct { int64_t qn, an, sn, gn, exn, k; } step_sizes;
 
 static step_sizes sizes_of(const eg_model *m) {
-    step_sizes z = {0, 0, 0, 0, m->dim};
+    step_sizes z = {0, 0, 0, 0, m->dim, m->dim};
     for (int l = 0; l < m->n_layer; ++l) {
         const eg_layer *L = &m->layers[l];
         z.qn = imax(z.qn, (int64_t)(L->n_head + 2 * L->n_kv) * L->head_dim);
         z.an = imax(z.an, (int64_t)L->n_head * L->head_dim);
         z.sn = imax(z.sn, (int64_t)L->n_head * L->size);
         z.gn = imax(z.gn, 2 * (int64_t)L->ffn);
+        z.k = imax(z.k, imax(z.an, L->ffn));
         if (L->moe) {
             z.gn = imax(z.gn, imax(2 * (int64_t)L->moe->top_k * L->moe->ffn, 2 * (int64_t)L->moe->sh_ffn));
             z.gn = imax(z.gn, L->moe->n_expert);
             z.exn = imax(z.exn, (int64_t)L->moe->top_k * (m->dim + L->moe->ffn));
+            z.k = imax(z.k, imax((int64_t)L->moe->top_k * L->moe->ffn, L->moe->sh_ffn));
         }
-        if (L->ple) z.gn = imax(z.gn, L->ple_gate.n);
+        if (L->ple) {
+            z.gn = imax(z.gn, L->ple_gate.n);
+            z.k = imax(z.k, L->ple_gate.n);
+        }
     }
     return z;
 }
@@ -293,7 +291,7 @@ EG_API int eg_step_batch(const eg_model *const *ms, int B, float *h, const int *
     float *qkv = f + (int64_t)B * dim, *att = qkv + B * z.qn, *gu = att + B * z.an, *xe = gu + B * z.gn;
     float *scores = xe + dim, *ex = scores + z.sn;
     pthread_mutex_lock(&call_mu);
-    if (xbuf_for(B, (int)step_max_k(m))) {
+    if (xbuf_for(B, (int)z.k)) {
         pthread_mutex_unlock(&call_mu);
         return -1;
     }
@@ -312,15 +310,7 @@ EG_API int eg_step_batch(const eg_model *const *ms, int B, float *h, const int *
             for (int i = 0; i < dim; ++i) hb[i] += tb[i];
             rms_norm(hb, L->ffn_norm, dim, m->eps, ROW(xn, dim, b));
         }
-        if (L->ffn) { /* the dense gated MLP of all rows -> d */
-            eg_mat gate_up[2] = {L->gate, L->up};
-            gemm_x(gate_up, 2, xn, B, dim, gu, z.gn, nth);
-            for (int b = 0; b < B; ++b) {
-                float *g = ROW(gu, z.gn, b);
-                for (int i = 0; i < L->ffn; ++i) g[i] = act_fn(L->act, g[i]) * g[L->ffn + i];
-            }
-            gemm_x(&L->down, 1, gu, B, z.gn, d, dim, nth);
-        }
+        if (L->ffn) mlp(&L->gate, &L->up, &L->down, L->ffn, L->act, xn, B, dim, gu, z.gn, d, dim, nth); /* -> d */
         for (int b = 0; b < B; ++b) {
             float *hb = ROW(h, dim, b), *db = ROW(d, dim, b), *fb = ROW(f, dim, b), *out = db;
             if (M && M->gemma) {

@@ -239,8 +239,9 @@ class GGMLCPU:
         llama.cpp; a float32 matmul on dequantized chunks measured no faster for prefill here).
 
         F16 rows from ``FLOAT_GEMM_M`` activation rows up: torch's float32 GEMM on row chunks widened
-        on the fly (measured faster than the kernels' row loop from M = 32 on small matrices; below it the kernels
-        win, 1.7x at M = 1, 1.2x at M = 5; on a 49152-row LM head they win at every M). Only a chunk is ever widened: the weights stay half in memory."""
+        on the fly (measured faster than the kernels' row loop from M = 32 on small matrices; below it
+        the kernels win, 1.7x at M = 1, 1.2x at M = 5; on a 49152-row LM head at every M). Only a
+        chunk is ever widened: the weights stay half in memory."""
         if x.shape[0] >= FLOAT_GEMM_M and all(w.type == T.F16 for w in self.mats):
             return self._widened_matmul(x)
         return linear(self.mats, x)

@@ -314,10 +314,9 @@ class TorchEngine(Engine):
             # does not depend on the requests beside it)
             from edgeinfer.kernels import cpu_step
 
-            toks, pos = [s.next_tok for s in live], [len(s.cached) for s in live]
-            logits = steps[0](toks[0], pos[0])[None] if len(live) == 1 else \
-                torch.cat([cpu_step.batch(steps[i:i + cpu_step.MAX_ROWS], toks[i:i + cpu_step.MAX_ROWS],
-                                          pos[i:i + cpu_step.MAX_ROWS]) for i in range(0, len(live), cpu_step.MAX_ROWS)])
+            toks, pos, n = [s.next_tok for s in live], [len(s.cached) for s in live], cpu_step.MAX_ROWS
+            logits = torch.cat([cpu_step.batch(steps[i:i + n], toks[i:i + n], pos[i:i + n])
+                                for i in range(0, len(live), n)])
         else:
             ids = torch.tensor([[s.next_tok] for s in live], device=self.backend.device)  # [B, 1]
             rows = [(s.seq, len(s.cached)) for s in live]
